@@ -1,0 +1,35 @@
+"""δ-mem adapter: configuration, the attention hooks, state, and save/load."""
+
+from .architectures import ARCHITECTURES, ArchitectureSpec, UnsupportedArchitectureError, resolve_architecture
+from .config import DeltaMemConfig
+from .io import (
+    AdapterMismatchError,
+    adapter_fingerprint,
+    base_model_fingerprint,
+    import_official_adapter,
+    load_adapter,
+    read_adapter_metadata,
+    save_adapter,
+)
+from .layer import DeltaMemLayer
+from .model import DeltaMemModel, attach
+from .state import DeltaMemState
+
+__all__ = [
+    "ARCHITECTURES",
+    "AdapterMismatchError",
+    "ArchitectureSpec",
+    "DeltaMemConfig",
+    "DeltaMemLayer",
+    "DeltaMemModel",
+    "DeltaMemState",
+    "UnsupportedArchitectureError",
+    "adapter_fingerprint",
+    "attach",
+    "base_model_fingerprint",
+    "import_official_adapter",
+    "load_adapter",
+    "read_adapter_metadata",
+    "resolve_architecture",
+    "save_adapter",
+]

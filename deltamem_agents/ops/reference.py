@@ -1,0 +1,98 @@
+"""Reference implementation of the δ-mem gated delta rule: a plain loop over positions.
+
+This file is the readable specification that :mod:`.chunked` and :mod:`.step` are tested against.
+
+For every batch row ``b`` and sub-state ``n`` there is a state ``S ∈ R^{r×r}`` (row index ``i`` = value
+dim, column index ``j`` = key dim). At each position ``t`` with ``q_t, k_t ∈ R^r`` (already L2-normalised by
+the caller; nothing here normalises), ``v_t ∈ R^r`` and one gate per ROW of ``S``, ``β_t ∈ [0, 1]^r``,
+``λ_t = 1 − β_t``::
+
+    read:   o_t = S_{t-1} q_t                                   (read BEFORE write)
+    write:  S_t = Diag(λ_t) S_{t-1} + Diag(β_t) (v_t − S_{t-1} k_t) k_tᵀ
+
+Where ``mask[b, t]`` is False the position writes nothing (``β_t`` is treated as 0, so the state is unchanged)
+but its read ``o_t`` is still computed (the caller ignores it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["delta_rule_reference"]
+
+
+def check_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    initial_state: Tensor | None,
+    mask: Tensor | None,
+) -> tuple[int, int, int, int]:
+    """Cheap shape/dtype checks shared by the three implementations; returns ``(B, T, N, r)``.
+
+    Raises:
+        ValueError: on any shape or dtype mismatch.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape (B, T, N, r), got {tuple(q.shape)}")
+    shape = q.shape
+    for name, x in (("k", k), ("v", v), ("beta", beta)):
+        if x.shape != shape:
+            raise ValueError(f"{name} must have the shape of q {tuple(shape)}, got {tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
+    if not q.is_floating_point():
+        raise ValueError(f"q, k, v, beta must be floating point, got {q.dtype}")
+    B, T, N, r = shape
+    if initial_state is not None:
+        if initial_state.shape != (B, N, r, r):
+            raise ValueError(
+                f"initial_state must have shape (B, N, r, r) = {(B, N, r, r)}, got {tuple(initial_state.shape)}"
+            )
+        if initial_state.dtype != q.dtype:
+            raise ValueError(f"initial_state must have the dtype of q ({q.dtype}), got {initial_state.dtype}")
+    if mask is not None:
+        if mask.shape != (B, T):
+            raise ValueError(f"mask must have shape (B, T) = {(B, T)}, got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor, got {mask.dtype}")
+    return B, T, N, r
+
+
+def delta_rule_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    initial_state: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Gated delta rule, one position at a time (the specification).
+
+    Args:
+        q, k: ``(B, T, N, r)`` read query / write key (L2-normalised by the caller).
+        v: ``(B, T, N, r)`` value written.
+        beta: ``(B, T, N, r)`` per-row write strength in ``[0, 1]``; the decay is ``1 − beta``.
+        initial_state: ``(B, N, r, r)`` state before position 0, or None for zeros.
+        mask: ``(B, T)`` bool, False = padding (no write; its read is still computed), or None for all True.
+
+    Returns:
+        ``(out, final_state)``: ``out (B, T, N, r)`` with ``out[:, t] = S_{t-1} q_t``, and
+        ``final_state (B, N, r, r)``. Both in the dtype of the inputs.
+    """
+    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask)
+    S = q.new_zeros(B, N, r, r) if initial_state is None else initial_state
+    outs = []
+    for t in range(T):
+        q_t, k_t, v_t, b_t = q[:, t], k[:, t], v[:, t], beta[:, t]  # (B, N, r)
+        if mask is not None:
+            b_t = torch.where(mask[:, t, None, None], b_t, torch.zeros_like(b_t))
+        outs.append(torch.einsum("bnij,bnj->bni", S, q_t))  # read before write
+        Sk = torch.einsum("bnij,bnj->bni", S, k_t)
+        decay = (1 - b_t)[..., :, None]  # Diag(λ_t): scales row i of S
+        write = (b_t * (v_t - Sk))[..., :, None] * k_t[..., None, :]  # Diag(β_t)(v_t − S k_t) k_tᵀ
+        S = decay * S + write
+    out = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, N, r)
+    return out, S

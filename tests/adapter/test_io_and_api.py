@@ -1,0 +1,168 @@
+"""Config validation, architecture table, state API, save/load and import of the authors' format."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ids, randomize, tiny_model
+
+from deltamem_agents import (
+    DeltaMemConfig,
+    DeltaMemState,
+    attach,
+    import_official_adapter,
+    load_adapter,
+    save_adapter,
+)
+from deltamem_agents.adapter import AdapterMismatchError, UnsupportedArchitectureError, read_adapter_metadata
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"rank": 0}, "rank"),
+        ({"alpha": -1}, "alpha"),
+        ({"write_mode": "xyz"}, "write_mode"),
+        ({"write_mode": "msw", "num_states": 1}, "num_states"),
+        ({"write_mode": "tsw", "num_states": 4}, "msw"),
+        ({"branches": ("k",)}, "branches"),
+        ({"branches": ()}, "branches"),
+        ({"init": "random"}, "init"),
+        ({"target_layers": (1, 1)}, "duplicates"),
+        ({"target_layers": (-1,)}, "target_layers"),
+        ({"chunk_size": 0}, "chunk_size"),
+    ],
+)
+def test_config_is_validated(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DeltaMemConfig(**kwargs)
+
+
+def test_config_defaults_and_round_trip():
+    assert DeltaMemConfig().num_states == 1
+    assert DeltaMemConfig(write_mode="msw").num_states == 4
+    cfg = DeltaMemConfig(write_mode="ssw", target_layers=(3, 1), branches=("o", "q"))
+    assert cfg.target_layers == (1, 3) and cfg.branches == ("q", "o")
+    assert DeltaMemConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    with pytest.raises(ValueError, match="unknown"):
+        DeltaMemConfig.from_dict({"rank": 8, "bogus": 1})
+
+
+def test_unknown_architecture_error_names_what_is_missing():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedArchitectureError, match="q_proj"):
+        attach(model)
+
+
+def test_generic_architecture_with_q_and_o_proj_is_accepted():
+    model = tiny_model("llama")
+    model.config.model_type = "my_llama_fork"  # not in the table, same layout
+    dm = attach(model, DeltaMemConfig(target_layers=(1,)))
+    assert dm.layer_indices == (1,) and "generic" in dm.spec.name
+    with pytest.raises(ValueError, match="out of range"):
+        attach(tiny_model("llama"), DeltaMemConfig(target_layers=(5,)))
+
+
+def test_state_rows_can_be_read_and_set():
+    dm = attach(tiny_model("llama"), DeltaMemConfig())
+    randomize(dm)
+    with torch.no_grad():
+        dm.reset_state(3)
+        dm(ids(3, 7))
+    full = dm.get_state()
+    row1 = dm.get_state(rows=1)
+    assert row1.batch_size == 1 and torch.equal(row1.memory[0][0], full.memory[0][1])
+    dm.set_state(dm.new_state(1), rows=1)  # clear one row only
+    assert dm.state.memory[0][1].abs().sum() == 0 and torch.equal(dm.state.memory[0][0], full.memory[0][0])
+    with pytest.raises(ValueError, match="batch size"):
+        dm(ids(2, 4))
+    bad = full.clone()
+    bad.memory[0][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        dm.set_state(bad)
+    with pytest.raises(ValueError, match="layers"):
+        dm.set_state(DeltaMemState.zeros(5, 1, 1, 8))
+    restored = DeltaMemState.from_tensors(full.to_tensors())
+    assert restored.equal(full)
+    assert DeltaMemState.cat([full.select(0), full.select([1, 2])]).equal(full)
+
+
+def test_save_load_round_trip_gives_identical_logits(tmp_path):
+    dm = attach(tiny_model("qwen3"), DeltaMemConfig(write_mode="msw"))
+    randomize(dm)
+    x = ids(1, 12)
+    with torch.no_grad():
+        dm.reset_state(1)
+        expected = dm(x).logits
+    save_adapter(dm, tmp_path / "ad")
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    meta = read_adapter_metadata(tmp_path / "ad")
+    assert meta["base_model"]["model_type"] == "qwen3" and len(meta["base_model_fingerprint"]) == 64
+
+    loaded = load_adapter(tiny_model("qwen3"), tmp_path / "ad")
+    with torch.no_grad():
+        loaded.reset_state(1)
+        assert torch.equal(loaded(x).logits, expected)
+
+
+def test_load_refuses_another_base_model_and_corrupt_files(tmp_path):
+    dm = attach(tiny_model("llama"), DeltaMemConfig())
+    randomize(dm)
+    save_adapter(dm, tmp_path)
+    with pytest.raises(AdapterMismatchError, match="fingerprint"):
+        load_adapter(tiny_model("llama", seed=7), tmp_path)  # same architecture, other weights
+    load_adapter(tiny_model("llama", seed=7), tmp_path, check_base="ignore")
+    with pytest.raises(AdapterMismatchError, match="architecture"):
+        load_adapter(tiny_model("llama", layers=3), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AdapterMismatchError, match="fingerprint"):
+        load_adapter(tiny_model("llama"), tmp_path)
+
+
+def test_import_of_the_authors_release_format(tmp_path):
+    """A file written in the authors' format (config JSON + torch state dict) imports to the same model."""
+    g = torch.Generator().manual_seed(0)
+    model = tiny_model("llama")
+    d, q_out, r = 64, 64, 8
+    sd = {}
+    for i in range(2):
+        pre = f"model.layers.{i}.self_attn."
+        for name, shape in [
+            ("memory_q_proj.weight", (r, d)), ("memory_k_proj.weight", (r, d)), ("memory_v_proj.weight", (r, d)),
+            ("beta_proj.weight", (r, d)), ("delta_q_proj.weight", (q_out, r)), ("delta_o_proj.weight", (d, r)),
+        ]:
+            sd[pre + name] = torch.randn(shape, generator=g) * 0.3
+        sd[pre + "beta_bias"] = torch.randn(r, generator=g)
+    torch.save(sd, tmp_path / "delta_mem_adapter.pt")
+    (tmp_path / "delta_mem_config.json").write_text(json.dumps({
+        "rank": 8, "alpha": 16.0, "beta_bias_init": -1.5, "num_state_heads": 1,
+        "memory_write_granularity": "token", "delta_heads": ["q", "o"], "target_layers": [],
+    }))
+    dm = import_official_adapter(model, tmp_path)
+    assert dm.config.write_mode == "tsw" and dm.layer_indices == (0, 1)
+    layer = dm.delta_layers["1"]
+    pre = "model.layers.1.self_attn."
+    assert torch.equal(layer.in_proj[8:16], sd[pre + "memory_k_proj.weight"])
+    assert torch.equal(layer.in_proj[24:32], sd[pre + "beta_proj.weight"])
+    assert torch.equal(layer.delta_o, sd[pre + "delta_o_proj.weight"])
+
+    # the same weights set by hand into our own format give the same logits
+    ours = attach(tiny_model("llama"), DeltaMemConfig(init="zero"))
+    ours.load_adapter_state_dict(dm.adapter_state_dict())
+    x = ids(1, 9)
+    with torch.no_grad():
+        dm.reset_state(1)
+        ours.reset_state(1)
+        assert torch.equal(dm(x).logits, ours(x).logits)
+
+    sd["model.layers.0.self_attn.surprise"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "delta_mem_adapter.pt")
+    with pytest.raises(AdapterMismatchError, match="unexpected tensor"):
+        import_official_adapter(tiny_model("llama"), tmp_path)
