@@ -52,6 +52,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from ..paths import ENV_CACHE_DIR, _env_path, cache_dir
+
 try:  # POSIX only; elsewhere the lock is a no-op
     import fcntl
 except ImportError:  # pragma: no cover - Windows
@@ -70,7 +72,6 @@ __all__ = [
     "load_embedded_model",
 ]
 
-ENV_CACHE_DIR = "DELTAMEM_CACHE_DIR"
 ENV_MODEL_DIR = "DELTAMEM_EMBEDDED_MODEL_DIR"
 ENV_WHEEL = "DELTAMEM_EMBEDDED_WHEEL"
 
@@ -127,23 +128,6 @@ def _spec() -> EmbeddedModelSpec:
 
 
 # --------------------------------------------------------------------------------------------- paths
-
-
-def _env_path(name: str) -> Path | None:
-    value = os.environ.get(name, "").strip()
-    return Path(value).expanduser() if value else None
-
-
-def cache_dir() -> Path:
-    """The deltamem cache root: ``$DELTAMEM_CACHE_DIR``, else ``$XDG_CACHE_HOME/deltamem``, else
-    ``~/.cache/deltamem``. Not created here."""
-    explicit = _env_path(ENV_CACHE_DIR)
-    if explicit is not None:
-        return explicit
-    xdg = _env_path("XDG_CACHE_HOME")
-    if xdg is not None:
-        return xdg / "deltamem"
-    return Path.home() / ".cache" / "deltamem"
 
 
 def _model_root(spec: EmbeddedModelSpec | None = None) -> Path:
