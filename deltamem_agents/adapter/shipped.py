@@ -1,0 +1,28 @@
+"""Adapters that ship inside the package (trained for the embedded SmolLM2-135M-Instruct).
+
+Layout: ``deltamem_agents/assets/adapters/<name>/{adapter_config.json, adapter_model.safetensors}``, in the
+format of :func:`~deltamem_agents.adapter.io.save_adapter`. ``DEFAULT_ADAPTER`` names the one ``deltamem`` uses by
+default; its training recipe is recorded in its ``adapter_config.json`` and in ``docs/results.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "adapters"
+
+#: The adapter used by default with the embedded model.
+DEFAULT_ADAPTER = "smollm2-135m-instruct-tsw"
+
+
+def shipped_adapters() -> list[str]:
+    """Names of the adapters shipped in this installation."""
+    if not ASSETS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in ASSETS_DIR.iterdir() if (p / "adapter_model.safetensors").is_file())
+
+
+def shipped_adapter_dir(name: str | None = None) -> Path | None:
+    """Directory of a shipped adapter (default: :data:`DEFAULT_ADAPTER`), or ``None`` if it is not installed."""
+    path = ASSETS_DIR / (name or DEFAULT_ADAPTER)
+    return path if (path / "adapter_model.safetensors").is_file() else None
