@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -55,6 +56,20 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+_PLUGIN_MODULES = (
+    "deltamem_agents.training.cli_commands",
+    "deltamem_agents.evaluation.cli_commands",
+)
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from .store import upgrade_database
+
+    applied = upgrade_database(args.url)
+    print(f"applied {len(applied)} migration(s): {', '.join(applied)}" if applied else "schema is up to date")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltamem", description="δ-mem memory backend for agents")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     speed.add_argument("--json", default=None, help="also write the results as JSON here")
     speed.set_defaults(func=_cmd_bench_speed)
+
+    db = sub.add_parser("db", help="the session database").add_subparsers(dest="action", required=True)
+    upgrade = db.add_parser("upgrade", help="apply the shipped schema migrations (idempotent)")
+    upgrade.add_argument("--url", default=None, help="SQLAlchemy URL (default: SQLite file in the cache dir)")
+    upgrade.set_defaults(func=_cmd_db_upgrade)
+
+    # Subcommands owned by other packages register themselves (each module exposes ``register(subparsers)``).
+    for module in _PLUGIN_MODULES:
+        try:
+            plugin = importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a part not installed in this tree
+            if exc.name != module:
+                raise
+            continue
+        plugin.register(sub)
     return parser
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import delta_rule_chunked, delta_rule_step
+from ..ops import cpu_fused, delta_rule_chunked, delta_rule_step
 from .config import DeltaMemConfig
 from .segments import SegmentPlan
 
@@ -103,12 +103,21 @@ class DeltaMemLayer(nn.Module):
         Returns:
             reads ``(B, T, N·r)`` float32 and the new memory ``(B, N, r, r)``.
         """
-        q, k, v, beta = self.split(self.project(x))
+        p = self.project(x)
+        if self._use_fused_kernel(p):
+            return cpu_fused.delta_rule_fused_cpu(p, self.beta_bias, memory, mask, self.num_states, self.rank)
+        q, k, v, beta = self.split(p)
         if x.shape[1] == 1:
             out, memory = delta_rule_step(q, k, v, beta, memory, mask)
         else:
             out, memory = delta_rule_chunked(q, k, v, beta, memory, mask, chunk_size=self.config.chunk_size)
         return out.reshape(*out.shape[:2], -1), memory
+
+    def _use_fused_kernel(self, p: Tensor) -> bool:
+        """The compiled CPU kernel has no autograd: use it only when nothing needs a gradient."""
+        if not cpu_fused.AVAILABLE or p.device.type != "cpu":
+            return False
+        return not (torch.is_grad_enabled() and (p.requires_grad or self.beta_bias.requires_grad))
 
     def sequence_write(
         self, x: Tensor, memory: Tensor, pending_sum: Tensor, plan: SegmentPlan
@@ -146,6 +155,61 @@ class DeltaMemLayer(nn.Module):
         reads = out.gather(1, plan.token_pos[..., None, None].expand(B, T, N, r))
         pending = sums.gather(1, plan.last_slot[:, None, None].expand(B, 1, W))[:, 0]
         return reads.reshape(B, T, N * r), memory, pending
+
+    # -- inference fast path (CPU, float32, no autograd) ----------------------------------------------------------
+    def fast_path_ready(self, x: Tensor) -> bool:
+        """True when :meth:`fast_token_write` may serve this call: compiled kernel present, float32 CPU input,
+        and no gradient wanted (the kernel has no autograd)."""
+        if not cpu_fused.AVAILABLE or x.device.type != "cpu" or x.dtype != torch.float32:
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or self.in_proj.requires_grad))
+
+    def _inference_weights(self) -> tuple[Tensor, object, Tensor | None, Tensor | None]:
+        """Contiguous transposed copies of the weights (and the gate bias as a numpy array), rebuilt when a
+        parameter changes: ``(in_proj_t (d, 4·N·r), bias (N·r,), delta_q_t (N·r, q_out), delta_o_t (N·r, o_out))``.
+
+        Why: ``addmm`` with a transposed (non-contiguous) weight costs 2× on a 1-token call, and the decode hot
+        path runs 60 of them per token. Keyed on every parameter's version counter (bumped by any in-place
+        change: an optimiser step, ``load_state_dict``) and identity, so stale copies are never used.
+        """
+        # cheap key (this runs once per layer per decoded token): parameter identities and version counters
+        key = tuple((id(p), p._version) for p in self._parameters.values() if p is not None)
+        cached = self.__dict__.get("_fast_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                weights = (
+                    self.in_proj.detach().t().contiguous(),
+                    self.beta_bias.detach().float().contiguous().numpy(),
+                    None if self.delta_q is None else self.delta_q.detach().t().contiguous(),
+                    None if self.delta_o is None else self.delta_o.detach().t().contiguous(),
+                )
+            cached = (key, weights)
+            self.__dict__["_fast_cache"] = cached
+        return cached[1]
+
+    def fast_token_write(
+        self, x: Tensor, memory: Tensor, mask: Tensor | None, weights: tuple | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """TSW/MSW read + write for inference in one compiled call (see :mod:`deltamem_agents.ops.cpu_fused`).
+
+        ``x (B, T, d)`` float32 CPU → reads ``(B·T, N·r)`` (flattened, ready for :meth:`steer_`) and the new
+        memory ``(B, N, r, r)``. Same math as :meth:`token_write`; tested against it. ``weights``: the result of
+        :meth:`_inference_weights` when the caller already has it.
+        """
+        in_t, bias, _, _ = weights if weights is not None else self._inference_weights()
+        B, T, d = x.shape
+        p = torch.mm(x.reshape(B * T, d), in_t).view(B, T, -1)
+        reads, memory = cpu_fused.fused_write_unchecked(p, bias, memory, mask, self.num_states, self.rank)
+        return reads.view(B * T, -1), memory
+
+    def steer_(self, out: Tensor, reads: Tensor, weight_t: Tensor | None) -> bool:
+        """Add ``(α/r)·reads @ weight_t`` to ``out`` in place (inference only). ``out (B, T, D)``, ``reads
+        (B·T, N·r)``, ``weight_t (N·r, D)`` a transposed correction from :meth:`_inference_weights`. Returns False
+        (nothing done) when the branch is not corrected or ``out`` is not contiguous."""
+        if weight_t is None or not out.is_contiguous():
+            return False
+        out.view(-1, out.shape[-1]).addmm_(reads, weight_t, alpha=self.scale)
+        return True
 
     # -- steering -----------------------------------------------------------------------------------------------
     def correct(self, out: Tensor, reads: Tensor, delta: Tensor) -> Tensor:

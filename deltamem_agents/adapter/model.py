@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .architectures import ArchitectureSpec, resolve_architecture
 from .config import DeltaMemConfig
+from .interception import Interception, intercept_output
 from .layer import DeltaMemLayer
 from .segments import SegmentPlan, plan_segments
 from .state import DeltaMemState
@@ -34,6 +35,7 @@ class _CallContext:
     write_mask: Tensor | None = None
     plan: SegmentPlan | None = None
     reads: list[Tensor | None] = field(default_factory=list)
+    o_weights: list[Tensor | None] = field(default_factory=list)  # fast path: transposed W_o^Δ per slot
 
 
 class DeltaMemModel(nn.Module):
@@ -58,7 +60,7 @@ class DeltaMemModel(nn.Module):
             p.requires_grad_(False)
 
         self.delta_layers = nn.ModuleDict()
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle | Interception] = []
         self._targets: list[tuple[int, DeltaMemLayer, nn.Linear, nn.Linear]] = []
         for slot, idx in enumerate(self.layer_indices):
             attn = getattr(decoder_layers[idx], spec.attention)
@@ -75,7 +77,7 @@ class DeltaMemModel(nn.Module):
         self._enabled = True
         self._writes = True
         self._segment_ids: Tensor | None = None
-        self._ctx = _CallContext(reads=[None] * len(self.layer_indices))
+        self._ctx = _CallContext(reads=[None] * len(self.layer_indices), o_weights=[None] * len(self.layer_indices))
 
     # -- hooks --------------------------------------------------------------------------------------------------
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -126,6 +128,15 @@ class DeltaMemModel(nn.Module):
             memory = state.memory[slot]
             if memory.device != x.device:
                 memory = memory.to(x.device)
+            if self._writes and self._ctx.plan is None and layer.fast_path_ready(x):
+                # inference fast path: one compiled read+write call and in-place steering (no autograd here)
+                weights = layer._inference_weights()
+                reads, state.memory[slot] = layer.fast_token_write(x, memory, self._ctx.write_mask, weights)
+                self._ctx.reads[slot] = reads
+                self._ctx.o_weights[slot] = weights[3]
+                if layer.steer_(output, reads, weights[2]) or weights[2] is None:
+                    return None
+                return layer.correct(output, reads.view(*x.shape[:2], -1), layer.delta_q)
             if not self._writes:
                 reads = layer.read_only(x, memory)
             elif self._ctx.plan is not None:
@@ -147,7 +158,13 @@ class DeltaMemModel(nn.Module):
             if reads is None:
                 return None
             self._ctx.reads[slot] = None
-            return layer.correct(output, reads, layer.delta_o) if layer.delta_o is not None else None
+            if layer.delta_o is None:
+                return None
+            if reads.dim() == 2:  # from the fast path: flattened (B·T, N·r)
+                if layer.steer_(output, reads, self._ctx.o_weights[slot]):
+                    return None
+                reads = reads.view(*output.shape[:2], -1)
+            return layer.correct(output, reads, layer.delta_o)
 
         return hook
 
@@ -265,8 +282,8 @@ class DeltaMemModel(nn.Module):
         if self._handles:
             return
         for slot, layer, q_proj, o_proj in self._targets:
-            self._handles.append(q_proj.register_forward_hook(self._make_q_hook(slot, layer)))
-            self._handles.append(o_proj.register_forward_hook(self._make_o_hook(slot, layer)))
+            self._handles.append(intercept_output(q_proj, self._make_q_hook(slot, layer)))
+            self._handles.append(intercept_output(o_proj, self._make_o_hook(slot, layer)))
         self._handles.append(self.base_model.register_forward_pre_hook(self._pre_forward, with_kwargs=True))
 
     def _remove_hooks(self) -> None:

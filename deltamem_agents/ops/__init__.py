@@ -5,8 +5,17 @@ with ``q, k, v, beta (B, T, N, r)``, ``initial_state (B, N, r, r)``, ``mask (B, 
 :mod:`.reference` for the math.
 """
 
+from . import cpu_fused
 from .chunked import delta_rule_chunked
+from .cpu_fused import delta_rule_fused_cpu, delta_rule_numba
 from .reference import delta_rule_reference
 from .step import delta_rule_step
 
-__all__ = ["delta_rule_chunked", "delta_rule_reference", "delta_rule_step"]
+__all__ = [
+    "cpu_fused",
+    "delta_rule_chunked",
+    "delta_rule_fused_cpu",
+    "delta_rule_numba",
+    "delta_rule_reference",
+    "delta_rule_step",
+]

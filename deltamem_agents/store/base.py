@@ -161,7 +161,8 @@ class SessionStats:
 
 def validate_identifier(value: str, what: str = "session id") -> str:
     """Return ``value`` if it is an allowed session id / namespace, else raise :class:`InvalidIdentifierError`."""
-    if not isinstance(value, str) or not IDENTIFIER_PATTERN.match(value):
+    # fullmatch, not match: ``$`` alone would accept a trailing newline ("abc\n").
+    if not isinstance(value, str) or not IDENTIFIER_PATTERN.fullmatch(value):
         raise InvalidIdentifierError(
             f"invalid {what} {value!r}: use 1-128 characters, starting with a letter or digit, then letters, "
             "digits or . _ : @ -"
@@ -255,3 +256,68 @@ class SessionStore(Protocol):
     def stats(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> SessionStats: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class AsyncSessionStore(Protocol):
+    """Asynchronous session store: the methods of :class:`SessionStore` as coroutines, same semantics."""
+
+    async def create(
+        self,
+        session_id: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        model_fingerprint: str,
+        adapter_fingerprint: str,
+        metadata: dict[str, Any] | None = None,
+    ) -> SessionInfo: ...
+
+    async def get(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> SessionInfo: ...
+
+    async def exists(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> bool: ...
+
+    async def load(
+        self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, turn: int | None = None
+    ) -> SessionData: ...
+
+    async def commit(
+        self,
+        session_id: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        expected_version: int,
+        state: Sequence[TensorBlob],
+        written: Sequence[WrittenMessage],
+        window: Sequence[WindowMessage],
+        base_turn: int | None = None,
+    ) -> SessionInfo: ...
+
+    async def rollback(
+        self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, turn: int, expected_version: int | None = None
+    ) -> SessionInfo: ...
+
+    async def reset(
+        self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, expected_version: int | None = None
+    ) -> SessionInfo: ...
+
+    async def fork(
+        self,
+        source_id: str,
+        new_id: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        new_namespace: str | None = None,
+        turn: int | None = None,
+    ) -> SessionInfo: ...
+
+    async def delete(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> None: ...
+
+    async def list_sessions(
+        self, *, namespace: str | None = DEFAULT_NAMESPACE, limit: int = 100, offset: int = 0
+    ) -> list[SessionInfo]: ...
+
+    async def list_turns(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> list[TurnInfo]: ...
+
+    async def stats(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> SessionStats: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,182 @@
+"""Fused CPU kernel of the δ-mem token write (inference only), compiled with numba.
+
+Why: on a CPU the δ-mem arithmetic is tiny (an 8×8 state per layer) and its cost is almost entirely the number
+of eager torch dispatches — the activations (tanh, L2 norm, sigmoid) and the chunked scan are ~40 small ops per
+layer per call. This kernel does all of it in one compiled loop over positions: for every sequence ``b``,
+sub-state ``n`` and position ``t``
+
+    q = l2norm(tanh(p_q)),  k = l2norm(tanh(p_k)),  v = p_v,  β = σ(p_β + b_β)
+    out_t = S q                                   (read the old state)
+    S ← Diag(1 − β) S + Diag(β) (v − S k) kᵀ       (write, skipped where the mask is False)
+
+It has no autograd: :class:`~deltamem_agents.adapter.layer.DeltaMemLayer` uses it only when no gradient is
+needed, on float32 CPU tensors, and otherwise falls back to :func:`.chunked.delta_rule_chunked` /
+:func:`.step.delta_rule_step`. The plain reference it is tested against is :func:`.reference.delta_rule_reference`
+(after the same activations). ``nogil=True`` lets sessions on different threads run their scans in parallel.
+
+numba is optional: :data:`AVAILABLE` is False when it is not installed (or ``DELTAMEM_KERNEL=torch``), and the
+torch paths are used.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:  # optional dependency
+    import numba
+
+    AVAILABLE = os.environ.get("DELTAMEM_KERNEL", "auto").strip().lower() != "torch"
+except ImportError:  # pragma: no cover - exercised only without numba
+    numba = None
+    AVAILABLE = False
+
+__all__ = ["AVAILABLE", "delta_rule_fused_cpu", "delta_rule_numba", "fused_write_unchecked"]
+
+L2_EPS = 1e-6
+
+if numba is not None:
+
+    @numba.njit(cache=True, nogil=True, fastmath=False)
+    def _fused_kernel(p, bias, state, mask, out, num_states, rank, eps, has_mask):  # pragma: no cover - compiled
+        # p: (B, T, 4·N·r) float32 raw projections [q̂; k̂; v; b̂]; bias: (N·r,); state: (B, N, r, r) in/out;
+        # mask: (B, T) bool; out: (B, T, N·r) reads.
+        B, T, _ = p.shape
+        width = num_states * rank
+        q = np.empty(rank, dtype=np.float32)
+        k = np.empty(rank, dtype=np.float32)
+        for b in range(B):
+            for t in range(T):
+                write = (not has_mask) or mask[b, t]
+                for n in range(num_states):
+                    base = n * rank
+                    sq = np.float32(0.0)
+                    sk = np.float32(0.0)
+                    for j in range(rank):
+                        qj = math.tanh(p[b, t, base + j])
+                        kj = math.tanh(p[b, t, width + base + j])
+                        q[j] = qj
+                        k[j] = kj
+                        sq += qj * qj
+                        sk += kj * kj
+                    nq = max(math.sqrt(sq), eps)
+                    nk = max(math.sqrt(sk), eps)
+                    for j in range(rank):
+                        q[j] = q[j] / nq
+                        k[j] = k[j] / nk
+                    for i in range(rank):
+                        acc_q = np.float32(0.0)
+                        acc_k = np.float32(0.0)
+                        for j in range(rank):
+                            s = state[b, n, i, j]
+                            acc_q += s * q[j]
+                            acc_k += s * k[j]
+                        out[b, t, base + i] = acc_q
+                        if write:
+                            z = p[b, t, 3 * width + base + i] + bias[base + i]
+                            beta = 1.0 / (1.0 + math.exp(-z))
+                            e = beta * (p[b, t, 2 * width + base + i] - acc_k)
+                            keep = 1.0 - beta
+                            for j in range(rank):
+                                state[b, n, i, j] = keep * state[b, n, i, j] + e * k[j]
+
+    @numba.njit(cache=True, nogil=True, fastmath=False)
+    def _plain_kernel(q, k, v, beta, state, mask, out, has_mask):  # pragma: no cover - compiled
+        # The bare delta rule on prepared q, k, v, β (B, T, N, r): the standard ops contract.
+        B, T, N, r = q.shape
+        for b in range(B):
+            for t in range(T):
+                write = (not has_mask) or mask[b, t]
+                for n in range(N):
+                    for i in range(r):
+                        acc_q = 0.0
+                        acc_k = 0.0
+                        for j in range(r):
+                            s = state[b, n, i, j]
+                            acc_q += s * q[b, t, n, j]
+                            acc_k += s * k[b, t, n, j]
+                        out[b, t, n, i] = acc_q
+                        if write:
+                            bi = beta[b, t, n, i]
+                            e = bi * (v[b, t, n, i] - acc_k)
+                            for j in range(r):
+                                state[b, n, i, j] = (1.0 - bi) * state[b, n, i, j] + e * k[b, t, n, j]
+
+
+_NO_MASK = np.ones((1, 1), dtype=np.bool_)
+_EPS32 = np.float32(L2_EPS)
+
+
+def fused_write_unchecked(
+    p: Tensor, bias: np.ndarray, memory: Tensor, mask: Tensor | None, num_states: int, rank: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`delta_rule_fused_cpu` without argument checks, for the decode hot path (every Python line costs
+    ~1 µs there, ×30 layers per token). ``p (B, T, 4·N·r)`` contiguous float32 not requiring grad, ``bias`` the
+    write-gate bias as a float32 numpy array, ``memory (B, N, r, r)`` float32 (not modified)."""
+    state = memory.clone()
+    out = torch.empty(p.shape[0], p.shape[1], num_states * rank)
+    if mask is None:
+        _fused_kernel(p.numpy(), bias, state.numpy(), _NO_MASK, out.numpy(), num_states, rank, _EPS32, False)
+    else:
+        _fused_kernel(p.numpy(), bias, state.numpy(), _np(mask), out.numpy(), num_states, rank, _EPS32, True)
+    return out, state
+
+
+def _np(x: Tensor) -> np.ndarray:
+    return x.detach().contiguous().numpy()
+
+
+def delta_rule_fused_cpu(
+    p: Tensor, beta_bias: Tensor, memory: Tensor, mask: Tensor | None, num_states: int, rank: int
+) -> tuple[Tensor, Tensor]:
+    """Activations + read-before-write scan in one compiled call (no autograd).
+
+    Args:
+        p: ``(B, T, 4·N·r)`` float32 raw memory projections ``[q̂; k̂; v; b̂]`` (CPU).
+        beta_bias: ``(N·r,)`` write-gate bias.
+        memory: ``(B, N, r, r)`` float32 state before position 0 (not modified).
+        mask: ``(B, T)`` bool, False = padding (read computed, no write), or None.
+    Returns:
+        reads ``(B, T, N·r)`` float32 and the new state ``(B, N, r, r)``.
+    """
+    if not AVAILABLE:
+        raise RuntimeError("the fused CPU kernel needs numba (pip install numba)")
+    B, T, W4 = p.shape
+    if W4 != 4 * num_states * rank or tuple(memory.shape) != (B, num_states, rank, rank):
+        raise ValueError(f"shape mismatch: p {tuple(p.shape)}, memory {tuple(memory.shape)}, N={num_states}, r={rank}")
+    if p.dtype != torch.float32 or memory.dtype != torch.float32:
+        raise ValueError("the fused CPU kernel takes float32 projections and state")
+    state = memory.detach().clone(memory_format=torch.contiguous_format)
+    out = torch.empty(B, T, num_states * rank, dtype=torch.float32)
+    has_mask = mask is not None
+    m = _np(mask.to(torch.bool)) if has_mask else np.ones((1, 1), dtype=np.bool_)
+    _fused_kernel(_np(p), _np(beta_bias.float()), state.numpy(), m, out.numpy(), num_states, rank,
+                  np.float32(L2_EPS), has_mask)
+    return out, state
+
+
+def delta_rule_numba(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    beta: Tensor,
+    initial_state: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The gated delta rule with the ops contract of :func:`.reference.delta_rule_reference`, compiled (CPU,
+    float32 or float64, no autograd). Used to test the compiled scan on its own."""
+    from .reference import check_inputs
+
+    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask)
+    if not AVAILABLE:
+        raise RuntimeError("delta_rule_numba needs numba (pip install numba)")
+    state = (q.new_zeros(B, N, r, r) if initial_state is None else initial_state.detach().clone()).contiguous()
+    out = q.new_empty(B, T, N, r)
+    has_mask = mask is not None
+    m = _np(mask.to(torch.bool)) if has_mask else np.ones((1, 1), dtype=np.bool_)
+    _plain_kernel(_np(q), _np(k), _np(v), _np(beta), state.numpy(), m, out.numpy(), has_mask)
+    return out, state
