@@ -1,0 +1,83 @@
+"""The inference fast path (compiled kernel, in-place steering, class-swap interception) against the
+differentiable torch path, at model level: logits and final states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHS, ids, randomize, tiny_model
+
+from deltamem_agents import DeltaMemConfig, attach
+from deltamem_agents.ops import cpu_fused
+
+pytestmark = pytest.mark.skipif(not cpu_fused.AVAILABLE, reason="numba not installed (or DELTAMEM_KERNEL=torch)")
+
+
+def _run(dm, tokens, mask, grad: bool):
+    dm.reset_state(tokens.shape[0])
+    with torch.set_grad_enabled(grad):
+        logits = dm(tokens, attention_mask=mask).logits
+    return logits.detach(), dm.get_state()
+
+
+@pytest.mark.parametrize("mode", ["tsw", "msw"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_path_equals_torch_path(arch, mode):
+    dm = attach(tiny_model(arch), DeltaMemConfig(write_mode=mode, chunk_size=16))
+    randomize(dm, scale=0.5)
+    tokens = ids(2, 37)
+    mask = torch.ones(2, 37, dtype=torch.long)
+    mask[1, :5] = 0  # left padding on row 1
+    slow_logits, slow_state = _run(dm, tokens, mask, grad=True)
+    fast_logits, fast_state = _run(dm, tokens, mask, grad=False)
+    torch.testing.assert_close(fast_logits, slow_logits, atol=2e-5, rtol=1e-5)
+    for a, b in zip(fast_state.memory, slow_state.memory, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_fast_path_decode_matches_full_pass():
+    dm = attach(tiny_model("llama"), DeltaMemConfig())
+    randomize(dm, scale=0.5)
+    tokens = ids(1, 21)
+    full_logits, full_state = _run(dm, tokens, None, grad=False)
+    dm.reset_state(1)
+    with torch.no_grad():
+        out = dm(tokens[:, :13], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(13, 21):
+            out = dm(tokens[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full_logits, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(dm.get_state().memory[0], full_state.memory[0], atol=2e-5, rtol=1e-5)
+
+
+def test_weight_cache_follows_parameter_updates():
+    """The transposed weight copies of the fast path must never go stale (optimiser steps, load_state_dict)."""
+    dm = attach(tiny_model("llama"), DeltaMemConfig())
+    randomize(dm, scale=0.5)
+    tokens = ids(1, 9)
+    before, _ = _run(dm, tokens, None, grad=False)
+    with torch.no_grad():
+        for p in dm.parameters():
+            if p.requires_grad:
+                p.mul_(1.5)  # in place, as an optimiser does
+    after_fast, _ = _run(dm, tokens, None, grad=False)
+    after_slow, _ = _run(dm, tokens, None, grad=True)
+    assert not torch.allclose(before, after_fast)
+    torch.testing.assert_close(after_fast, after_slow, atol=2e-5, rtol=1e-5)
+
+
+def test_interception_is_removed_cleanly():
+    model = tiny_model("llama")
+    q_proj = model.model.layers[0].self_attn.q_proj
+    cls, keys = type(q_proj), set(model.state_dict())
+    dm = attach(model, DeltaMemConfig())
+    assert type(q_proj) is not cls and isinstance(q_proj, cls)
+    assert set(model.state_dict()) == keys, "interception must not change the base model's state_dict keys"
+    with dm.hooks_removed():
+        assert type(q_proj) is cls
+    assert type(q_proj) is not cls
+    dm.detach_adapter()
+    assert type(q_proj) is cls and "_deltamem_output_hook" not in q_proj.__dict__
