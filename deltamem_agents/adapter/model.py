@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..ops import cpu_fused
 from .architectures import ArchitectureSpec, resolve_architecture
 from .config import DeltaMemConfig
 from .interception import Interception, intercept_output
@@ -36,6 +37,7 @@ class _CallContext:
     plan: SegmentPlan | None = None
     reads: list[Tensor | None] = field(default_factory=list)
     o_weights: list[Tensor | None] = field(default_factory=list)  # fast path: transposed W_o^Δ per slot
+    fast: bool = False  # this call uses the compiled inference kernel
 
 
 class DeltaMemModel(nn.Module):
@@ -107,6 +109,9 @@ class DeltaMemModel(nn.Module):
             )
         self._ctx.write_mask = write_mask
         self._ctx.plan = None
+        self._ctx.fast = (
+            self._writes and self.config.write_mode != "ssw" and self._fast_path_possible(state)
+        )
         segment_ids, self._segment_ids = self._segment_ids, None
         if self.config.write_mode == "ssw" and self._writes:
             if segment_ids is not None and tuple(segment_ids.shape) != (B, T):
@@ -119,6 +124,17 @@ class DeltaMemModel(nn.Module):
             state.last_segment = plan.last_segment
         return None
 
+    def _fast_path_possible(self, state: DeltaMemState) -> bool:
+        """Whether this call may use the compiled inference kernel: float32 CPU model and state, and no gradient
+        wanted (the kernel has no autograd). Checked once per forward call, not per layer."""
+        if not cpu_fused.AVAILABLE:
+            return False
+        first = self._targets[0][1] if self._targets else None
+        if first is None or (torch.is_grad_enabled() and first.in_proj.requires_grad):
+            return False
+        weight = self._targets[0][2].weight
+        return weight.device.type == "cpu" and weight.dtype == torch.float32 and state.device.type == "cpu"
+
     def _make_q_hook(self, slot: int, layer: DeltaMemLayer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             if not self._enabled:
@@ -128,13 +144,14 @@ class DeltaMemModel(nn.Module):
             memory = state.memory[slot]
             if memory.device != x.device:
                 memory = memory.to(x.device)
-            if self._writes and self._ctx.plan is None and layer.fast_path_ready(x):
-                # inference fast path: one compiled read+write call and in-place steering (no autograd here)
+            if self._ctx.fast:
+                # inference fast path (decided once per call by the pre-hook): one compiled read+write call and
+                # in-place steering; this runs 30× per decoded token, so every line here is measured
                 weights = layer._inference_weights()
                 reads, state.memory[slot] = layer.fast_token_write(x, memory, self._ctx.write_mask, weights)
                 self._ctx.reads[slot] = reads
                 self._ctx.o_weights[slot] = weights[3]
-                if layer.steer_(output, reads, weights[2]) or weights[2] is None:
+                if weights[2] is None or layer.steer_(output, reads, weights[2]):
                     return None
                 return layer.correct(output, reads.view(*x.shape[:2], -1), layer.delta_q)
             if not self._writes:
@@ -158,12 +175,13 @@ class DeltaMemModel(nn.Module):
             if reads is None:
                 return None
             self._ctx.reads[slot] = None
-            if layer.delta_o is None:
-                return None
             if reads.dim() == 2:  # from the fast path: flattened (B·T, N·r)
-                if layer.steer_(output, reads, self._ctx.o_weights[slot]):
+                weight_t = self._ctx.o_weights[slot]
+                if weight_t is None or layer.steer_(output, reads, weight_t):
                     return None
                 reads = reads.view(*output.shape[:2], -1)
+            if layer.delta_o is None:
+                return None
             return layer.correct(output, reads, layer.delta_o)
 
         return hook
