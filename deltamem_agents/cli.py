@@ -57,6 +57,7 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 _PLUGIN_MODULES = (
+    "deltamem_agents.engine.cli_commands",
     "deltamem_agents.training.cli_commands",
     "deltamem_agents.evaluation.cli_commands",
 )

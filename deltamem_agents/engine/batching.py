@@ -1,0 +1,99 @@
+"""`ModelRunner`: the only code that calls the model; shares one model between sessions safely.
+
+A :class:`~deltamem_agents.adapter.DeltaMemModel` keeps its live memory state, and the per-call context its hooks
+use, on the model object. Two forward calls from different threads would mix them, so every call goes through
+:meth:`ModelRunner.forward`, which holds the model lock for exactly one call: it installs the caller's state,
+runs the model, and hands back the advanced state. Sessions therefore interleave **at the granularity of one
+forward call** — a decode step of session A, then one of B, … — and each session's computation is exactly the
+one it would do alone (same inputs, same shapes, same kernels), so its state and logits are bitwise those of
+running it alone.
+
+What this is not (yet): cross-session *batching* into one forward. Grouping decode steps of different sessions
+needs left-padded, per-row KV caches of different lengths; padded attention and batched matmuls change the
+floating-point summation order, so the rows would no longer be bitwise equal to running alone — which the
+engine promises. On CPU a 1-row decode step is memory-bound either way; the gain would come on a GPU. The
+runner is the one place to add it (``set_state(rows)`` already supports per-row states).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..adapter import DeltaMemModel, DeltaMemState
+
+__all__ = ["ModelRunner"]
+
+_LOCKS_GUARD = threading.Lock()
+
+
+class ModelRunner:
+    """Runs forward calls of one model for many sessions, one call at a time.
+
+    Args:
+        model: the δ-mem model (its base model in eval mode).
+        device: where inputs go (the model's device).
+    """
+
+    def __init__(self, model: DeltaMemModel, device: torch.device) -> None:
+        self.model = model
+        self.device = device
+        # The lock lives on the model, not the runner: two engines sharing one model object still take turns.
+        with _LOCKS_GUARD:
+            lock = model.__dict__.get("_deltamem_forward_lock")
+            if lock is None:
+                lock = threading.Lock()
+                model.__dict__["_deltamem_forward_lock"] = lock
+        self.lock: threading.Lock = lock
+        self.forward_calls = 0
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.base_model.config)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        state: DeltaMemState,
+        ids: list[int],
+        *,
+        cache: Any = None,
+        writes: bool,
+        segment_id: int | None = None,
+        want_logits: bool = True,
+    ) -> tuple[Tensor | None, DeltaMemState]:
+        """Run ``ids`` (one sequence) on ``state``.
+
+        Args:
+            state: 1-row state the call reads (and, with ``writes``, advances). Not modified.
+            ids: token ids ``(T,)`` continuing ``cache`` (a ``DynamicCache``, extended in place) or, with
+                ``cache=None``, a fresh sequence with no context.
+            writes: write these tokens into the state (TSW/MSW: every token; SSW: one message, ``segment_id``).
+            segment_id: SSW message id of all ``ids`` (the history index); ignored by TSW/MSW.
+            want_logits: compute the last position's logits.
+        Returns:
+            ``logits (V,)`` float32 of the last position (or None) and the state after the call.
+        """
+        if not ids:
+            return None, state
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": cache is not None, "logits_to_keep": 1}
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+        if writes and self.model.config.write_mode == "ssw" and segment_id is not None:
+            kwargs["segment_ids"] = torch.full_like(input_ids, segment_id)
+        with self.lock:
+            self.model.set_state(state)
+            if writes:
+                out = self.model(**kwargs)
+            else:
+                with self.model.writes_disabled():
+                    out = self.model(**kwargs)
+            new_state = self.model.state  # a new object: the hooks never modify the installed state in place
+            self.forward_calls += 1
+        logits = out.logits[0, -1].float() if want_logits else None
+        return logits, new_state

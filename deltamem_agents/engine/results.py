@@ -1,0 +1,84 @@
+"""What a turn returns: :class:`ChatResult`, :class:`ChatChunk`, :class:`Usage`, :class:`WriteResult`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ChatChunk", "ChatResult", "Usage", "WriteResult"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts of one call.
+
+    Attributes:
+        prompt_tokens: tokens in the prompt the model read.
+        completion_tokens: tokens generated.
+        written_tokens: tokens written into the state by this call (new messages and the reply; replayed
+            messages included).
+        full_context_tokens: tokens a full-context prompt of the whole history (including this turn) would need
+            — what windowed mode saves.
+    """
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    written_tokens: int = 0
+    full_context_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """One generated turn.
+
+    Attributes:
+        text: the reply (stop strings cut off).
+        finish_reason: ``"stop"`` (EOS or a stop string) or ``"length"`` (``max_new_tokens`` reached).
+        usage: token counts.
+        session_id, namespace: the session.
+        turn: the session's turn after this call (the snapshot that holds the reply).
+        replayed: the history diverged from what was written; the state was rolled back to ``rolled_back_to``
+            and the rest of the history written again.
+        rolled_back_to: the snapshot turn the replay started from (None unless ``replayed``).
+        written_messages: number of messages written by this call (new ones, replayed ones and the reply).
+        mode: the mode used.
+    """
+
+    text: str
+    finish_reason: str
+    usage: Usage
+    session_id: str
+    namespace: str
+    turn: int
+    replayed: bool = False
+    rolled_back_to: int | None = None
+    written_messages: int = 0
+    mode: str = "windowed"
+
+
+@dataclass(frozen=True)
+class ChatChunk:
+    """A piece of a streamed reply. The last chunk has ``finish_reason`` and ``result`` set (and usually an
+    empty ``text``); concatenating every chunk's ``text`` gives ``result.text``."""
+
+    text: str
+    session_id: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    result: ChatResult | None = None
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What :meth:`MemoryEngine.write` did."""
+
+    session_id: str
+    namespace: str
+    turn: int
+    written_messages: int
+    written_tokens: int
+    replayed: bool = False
+    rolled_back_to: int | None = None
