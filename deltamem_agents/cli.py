@@ -56,6 +56,52 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_conversation(args: argparse.Namespace) -> int:
+    import torch
+
+    from .benchmarks import conversation as bench
+    from .engine import MemoryEngine
+    from .store.memory import InMemorySessionStore
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    engine = MemoryEngine(args.model, adapter=args.adapter, store=InMemorySessionStore(),
+                          window_tokens=args.window_tokens)
+    print(f"model {engine.model_name} | window {args.window_tokens} tokens | {args.new_tokens} new tokens per turn"
+          f" | torch threads {torch.get_num_threads()}", flush=True)
+    results = bench.run_conversation_benchmark(
+        engine, checkpoints=tuple(args.checkpoints), new_tokens=args.new_tokens, repeats=args.repeats,
+        full_context_max=args.full_context_max,
+    )
+    rows = bench.summarize(results)
+    print()
+    print(bench.format_table(rows))
+    print(f"\nwindowed latency, largest ÷ smallest history: {bench.flatness(rows):.3f}")
+    if args.json:
+        bench.write_json(results, rows, args.json, model=engine.model_name, window_tokens=args.window_tokens)
+        print(f"wrote {args.json}")
+    if args.plot:
+        bench.plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _cmd_bench_store(args: argparse.Namespace) -> int:
+    import os
+    import tempfile
+
+    from .benchmarks.store_latency import format_table, measure_store
+
+    urls = args.url
+    if not urls:
+        urls = [f"sqlite:///{tempfile.mkdtemp(prefix='deltamem-bench-')}/sessions.db"]
+        if os.environ.get("DELTAMEM_TEST_POSTGRES_URL"):
+            urls.append(os.environ["DELTAMEM_TEST_POSTGRES_URL"])
+    results = [measure_store(u, rounds=args.rounds) for u in urls]
+    print(format_table(results))
+    return 0
+
+
 _PLUGIN_MODULES = (
     "deltamem_agents.engine.cli_commands",
     "deltamem_agents.training.cli_commands",
@@ -92,6 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     speed.add_argument("--json", default=None, help="also write the results as JSON here")
     speed.set_defaults(func=_cmd_bench_speed)
+    conv = bench.add_parser(
+        "conversation", help="windowed δ-mem vs full context as one conversation grows (latency, peak memory)"
+    )
+    conv.add_argument("--model", default=None, help="HF dir, GGUF file or hub id (default: embedded model)")
+    conv.add_argument("--adapter", default=None, help="adapter dir, or 'none' (default: the shipped adapter)")
+    conv.add_argument("--checkpoints", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
+    conv.add_argument("--window-tokens", type=int, default=1024)
+    conv.add_argument("--new-tokens", type=int, default=16, help="tokens generated per turn")
+    conv.add_argument("--repeats", type=int, default=1)
+    conv.add_argument("--full-context-max", type=int, default=None, help="skip full context above this")
+    conv.add_argument("--threads", type=int, default=0)
+    conv.add_argument("--json", default=None)
+    conv.add_argument("--plot", default=None, help="write a PNG plot here")
+    conv.set_defaults(func=_cmd_bench_conversation)
+    store = bench.add_parser("store", help="store round trip (commit + load of one state): median and p99")
+    store.add_argument("--url", action="append", default=None,
+                       help="store URL (repeatable; default: a temporary SQLite file, plus $DELTAMEM_TEST_POSTGRES_URL)")
+    store.add_argument("--rounds", type=int, default=200)
+    store.set_defaults(func=_cmd_bench_store)
 
     db = sub.add_parser("db", help="the session database").add_subparsers(dest="action", required=True)
     upgrade = db.add_parser("upgrade", help="apply the shipped schema migrations (idempotent)")

@@ -238,7 +238,7 @@ class DeltaMemModel(nn.Module):
 
     def set_state(self, state: DeltaMemState, rows: int | Sequence[int] | None = None) -> None:
         """Install ``state`` (whole batch), or replace only ``rows`` of the current state with it."""
-        self._check_state(state)
+        self.check_state(state)
         state = state.to(self._state.device if self._state is not None else self.new_state(1).device)
         if rows is None:
             self._state = state
@@ -247,7 +247,9 @@ class DeltaMemModel(nn.Module):
                 raise ValueError("no state to set rows of: set a whole state first")
             self._state = self._state.with_rows(rows, state)
 
-    def _check_state(self, state: DeltaMemState) -> None:
+    def check_state(self, state: DeltaMemState) -> None:
+        """Raise ``ValueError`` unless ``state`` fits this adapter (layers, sub-state shape, write mode) and is
+        finite."""
         cfg = self.config
         expect = (cfg.num_states, cfg.rank, cfg.rank)
         if state.num_layers != len(self.layer_indices):

@@ -69,6 +69,6 @@ def check_state(state: DeltaMemState, model: DeltaMemModel) -> None:
     if state.batch_size != 1:
         raise InvalidStateError(f"a session state has one row, this one has {state.batch_size}")
     try:
-        model._check_state(state)  # layers, (N, r, r), write mode, finiteness
+        model.check_state(state)  # layers, (N, r, r), write mode, finiteness
     except ValueError as exc:
         raise InvalidStateError(f"state does not fit this model: {exc}") from exc
