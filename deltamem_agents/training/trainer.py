@@ -1,0 +1,422 @@
+"""The δ-mem trainer: frozen backbone, only the δ-mem weights learn.
+
+Offline objective (the paper's), per written context with questions ``q_1..q_Q``:
+
+1. **Write pass** over ``[system] + history`` (chat template, right-padded, writes on, autograd kept through the
+   chunked scan). Optionally with the memory's reads steering attention (``reads_in_write_pass``).
+2. **Read passes** over ``[system, q_j] + answer_j`` with writes off: the state rows are repeated so the ``Q``
+   questions of a context form one batch that reads one state. Cross-entropy on the answer tokens only.
+3. Loss = CE + ``w·(mean β − target)²`` with mean β over the write pass; gradients flow from the read pass through
+   the state into every write.
+
+Online objective: ``[system] + history + [question] + answer`` as one sequence with writes on; CE on the answer.
+
+Steps are deterministic functions of ``(seed, step)``: the data of step ``s`` is a pure function of its index,
+and a checkpoint holds the adapter, the optimizer and scheduler state, the RNG states and the step, so a resumed
+run continues bit-for-bit.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..adapter import DeltaMemModel, attach, load_adapter, save_adapter
+from ..adapter.io import WEIGHTS_NAME
+from .collate import IGNORE, encode_context, encode_prompt_answer, pad_read, pad_write
+from .config import TrainConfig
+from .data import curriculum_level, load_task, synthetic_group
+from .examples import MemoryExample
+from .gates import WriteGateRecorder, steering_disabled
+
+CHECKPOINT_PREFIX = "step_"
+LOG_NAME = "train_log.jsonl"
+
+Group = list[MemoryExample]
+
+
+# -- data ---------------------------------------------------------------------------------------------------------
+class ContextStream:
+    """Training contexts by global index: ``contexts(start, n)`` is a pure function of its arguments.
+
+    ``synthetic``: group ``i`` is generated from the train split with the curriculum level of ``i`` among
+    ``total`` contexts. File tasks: the task's train split grouped by ``meta["group"]``, visited in a fresh
+    seeded permutation every epoch.
+    """
+
+    def __init__(self, config: TrainConfig, total: int) -> None:
+        self.config = config
+        self.total = total
+        self._groups: list[Group] | None = None
+        if config.task != "synthetic":
+            examples = load_task(config.task, config.data_path, split="train", seed=config.seed)
+            groups: list[Group] = []
+            for ex in examples:
+                key = ex.meta.get("group", ex.id)
+                if groups and groups[-1][0].meta.get("group", groups[-1][0].id) == key:
+                    groups[-1].append(ex)
+                else:
+                    groups.append([ex])
+            if not groups:
+                raise ValueError(f"task {config.task!r} gave no training examples")
+            self._groups = [g[: config.questions_per_context] for g in groups]
+
+    def context(self, i: int) -> Group:
+        c = self.config
+        if self._groups is None:
+            level = curriculum_level(i, self.total, c.curriculum, c.seed)
+            return synthetic_group(i, split="train", seed=c.seed, level=level,
+                                   questions_per_context=c.questions_per_context)
+        n = len(self._groups)
+        epoch, j = divmod(i, n)
+        perm = list(range(n))
+        random.Random(f"deltamem-epoch:{c.seed}:{epoch}").shuffle(perm)
+        return self._groups[perm[j]]
+
+    def contexts(self, start: int, n: int) -> list[Group]:
+        return [self.context(i) for i in range(start, start + n)]
+
+
+# -- model --------------------------------------------------------------------------------------------------------
+def build_model(config: TrainConfig) -> tuple[DeltaMemModel, Any]:
+    """Load the base model of ``config`` and attach a fresh adapter (or ``init_adapter``)."""
+    from ..models import load_base_model
+
+    model, tokenizer = load_base_model() if config.model == "embedded" else load_base_model(config.model)
+    dm = load_adapter(model, config.init_adapter) if config.init_adapter else attach(model, config.adapter_config())
+    return dm, tokenizer
+
+
+@dataclass
+class LossParts:
+    """One micro-batch: ``loss`` (differentiable), and the detached parts for logging."""
+
+    loss: Tensor
+    ce: float
+    reg: float
+    mean_beta: float
+    answer_tokens: int
+    questions: int
+
+
+def answer_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Mean CE over answer tokens. ``logits (R, K, V)`` are the last ``K`` positions; ``labels (R, T)``."""
+    K = logits.shape[1]
+    targets = labels[:, -K:][:, 1:]  # the logit at position t predicts the token at t + 1
+    n = int((targets != IGNORE).sum())
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss / max(n, 1), n
+
+
+class Trainer:
+    """Trains the δ-mem weights of ``dm`` under ``config``; writes everything under ``out_dir``.
+
+    Layout of ``out_dir``: ``train_config.json``, ``train_log.jsonl``, ``loss_curve.png``,
+    ``checkpoints/step_NNNNNN/`` (adapter + ``optimizer.safetensors`` + ``trainer_state.json``), ``adapter/``
+    (the final adapter, recipe in its metadata).
+    """
+
+    def __init__(
+        self, config: TrainConfig, dm: DeltaMemModel, tokenizer: Any, out_dir: str | Path,
+        stream: ContextStream | None = None, progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.dm = dm
+        self.tokenizer = tokenizer
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.stream = stream or ContextStream(config, config.steps * config.contexts_per_step)
+        self.device = next(iter(dm.delta_layers.parameters())).device
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = int(pad if pad is not None else 0)
+        self.params = [p for p in dm.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        warmup = int(config.warmup_frac * config.steps)
+
+        def schedule(step: int) -> float:  # linear warm-up to lr, then cosine to 0
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(config.steps - warmup, 1)))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.step = 0
+        self.contexts_seen = 0
+        self.questions_seen = 0
+        self.elapsed = 0.0
+        # The sentinel closes the last history message under SSW (a message is written when the next one starts):
+        # the first token of the read prompt, placed in a segment of its own that stays open and is never written.
+        self._sentinel = encode_prompt_answer(tokenizer, [{"role": "user", "content": "x"}], None)[0][0]
+
+    # -- losses -----------------------------------------------------------------------------------------------
+    def _context_rows(self, groups: list[Group]) -> list[tuple[list[int], list[int]]]:
+        c = self.config
+        rows = []
+        for g in groups:
+            ids, seg = encode_context(self.tokenizer, self._system() + g[0].history, c.max_context_tokens - 1)
+            rows.append((ids + [self._sentinel], seg + [(seg[-1] + 1) if seg else 0]))
+        return rows
+
+    def _system(self) -> list[dict[str, str]]:
+        return [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+
+    def _call(self, batch, *, write: bool, keep: int = 1) -> Tensor:
+        kwargs: dict[str, Any] = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                      position_ids=batch.position_ids, use_cache=False, logits_to_keep=keep)
+        if write and self.dm.config.write_mode == "ssw" and batch.segment_ids is not None:
+            kwargs["segment_ids"] = batch.segment_ids
+        return self.dm(**kwargs).logits
+
+    def write_context(self, groups: list[Group]) -> WriteGateRecorder:
+        """The write pass: resets the state to ``len(groups)`` rows and writes each group's history."""
+        batch = pad_write(self._context_rows(groups), self.pad_id, self.device)
+        self.dm.reset_state(len(groups))
+        steer = steering_disabled(self.dm) if not self.config.reads_in_write_pass else _null()
+        with WriteGateRecorder(self.dm, batch.attention_mask) as gates, steer:
+            self._call(batch, write=True, keep=1)  # only the state matters: one position of logits
+        return gates
+
+    def offline_loss(self, groups: list[Group]) -> LossParts:
+        c = self.config
+        gates = self.write_context(groups)
+        state = self.dm.state
+        rows, owners = [], []
+        for gi, g in enumerate(groups):
+            for ex in g:
+                rows.append(encode_prompt_answer(self.tokenizer, self._system() + [
+                    {"role": "user", "content": ex.question}], ex.answer))
+                owners.append(gi)
+        # Repeat each context's state once per question (index_select keeps the autograd graph to the writes).
+        self.dm.set_state(state.select(owners))
+        batch = pad_read(rows, self.pad_id, self.device)
+        with self.dm.writes_disabled():
+            logits = self._call(batch, write=False, keep=batch.keep)
+        ce, n = answer_cross_entropy(logits, batch.labels)
+        beta = gates.mean()
+        reg = c.beta_reg_weight * (beta - c.beta_target) ** 2
+        return LossParts(ce + reg, float(ce.detach()), float(reg.detach()), float(beta.detach()), n, len(rows))
+
+    def online_loss(self, groups: list[Group]) -> LossParts:
+        c = self.config
+        rows, segs = [], []
+        for g in groups:
+            for ex in g:
+                msgs = self._system() + ex.history + [{"role": "user", "content": ex.question}]
+                ctx, seg = encode_context(self.tokenizer, self._system() + ex.history, c.max_context_tokens)
+                p_ids, a_ids = encode_prompt_answer(self.tokenizer, msgs, ex.answer)
+                if p_ids[: len(ctx)] != ctx:  # template not prefix-stable: one segment for the whole prompt
+                    seg = [0] * len(ctx)
+                n_q = len(p_ids) - len(ctx)
+                last = seg[-1] if seg else -1
+                seg = seg + [last + 1] * n_q + [last + 2] * len(a_ids)
+                keep = c.max_context_tokens
+                rows.append((p_ids[-keep:], a_ids))
+                segs.append(seg[-(len(p_ids[-keep:]) + len(a_ids)) :])
+        batch = pad_read(rows, self.pad_id, self.device, segments=segs)
+        self.dm.reset_state(len(rows))
+        with WriteGateRecorder(self.dm, batch.attention_mask) as gates:
+            logits = self._call(batch, write=True, keep=batch.keep)
+        ce, n = answer_cross_entropy(logits, batch.labels)
+        beta = gates.mean()
+        reg = c.beta_reg_weight * (beta - c.beta_target) ** 2
+        return LossParts(ce + reg, float(ce.detach()), float(reg.detach()), float(beta.detach()), n, len(rows))
+
+    def loss(self, groups: list[Group]) -> LossParts:
+        return self.offline_loss(groups) if self.config.variant == "offline" else self.online_loss(groups)
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over ``grad_accum`` micro-batches of ``batch_size`` contexts."""
+        c = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        parts: list[LossParts] = []
+        for m in range(c.grad_accum):
+            start = (self.step * c.grad_accum + m) * c.batch_size
+            lp = self.loss(self.stream.contexts(start, c.batch_size))
+            (lp.loss / c.grad_accum).backward()
+            parts.append(lp)
+        self.dm.reset_state(1)  # drop the graph held by the live state
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.contexts_seen += c.contexts_per_step
+        self.questions_seen += sum(p.questions for p in parts)
+        k = len(parts)
+        return {
+            "step": self.step, "loss": sum(float(p.loss.detach()) for p in parts) / k, "ce": sum(p.ce for p in parts) / k,
+            "beta_reg": sum(p.reg for p in parts) / k, "mean_beta": sum(p.mean_beta for p in parts) / k,
+            "lr": lr, "grad_norm": grad_norm, "contexts_seen": self.contexts_seen,
+            "questions_seen": self.questions_seen,
+        }
+
+    def train(self, resume: str | Path | None = None, on_checkpoint: Callable[[Path], None] | None = None) -> Path:
+        """Run to ``config.steps`` (continuing from ``resume``), checkpointing; returns the final adapter dir."""
+        c = self.config
+        if c.num_threads:
+            torch.set_num_threads(c.num_threads)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "train_config.json").write_text(c.to_json())
+        if resume is not None:
+            self.load_checkpoint(resume)
+        else:
+            torch.manual_seed(c.seed)
+            random.seed(c.seed)
+        log_path = self.out_dir / LOG_NAME
+        bar = _progress(range(self.step, c.steps), enabled=self.progress, initial=self.step, total=c.steps)
+        with log_path.open("a") as log:
+            for _ in bar:
+                t0 = time.perf_counter()
+                rec = self.train_step()
+                self.elapsed += time.perf_counter() - t0
+                rec["elapsed_s"] = round(self.elapsed, 2)
+                rec["questions_per_s"] = round(self.questions_seen / max(self.elapsed, 1e-9), 3)
+                if self.step % c.log_every == 0 or self.step == c.steps:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                if hasattr(bar, "set_postfix"):
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", beta=f"{rec['mean_beta']:.3f}")
+                out_of_time = c.time_budget_s is not None and self.elapsed >= c.time_budget_s
+                if self.step % c.save_every == 0 or self.step == c.steps or out_of_time:
+                    ckpt = self.save_checkpoint()
+                    if on_checkpoint is not None:
+                        on_checkpoint(ckpt)
+                if out_of_time:
+                    break
+        final = self.out_dir / "adapter"
+        save_adapter(self.dm, final, training=self.training_metadata())
+        plot_loss(log_path, self.out_dir / "loss_curve.png")
+        return final
+
+    def training_metadata(self) -> dict[str, Any]:
+        return {"recipe": self.config.recipe, "config": self.config.to_dict(), "step": self.step,
+                "contexts_seen": self.contexts_seen, "questions_seen": self.questions_seen,
+                "train_seconds": round(self.elapsed, 1)}
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step_NNNNNN/`` (atomic per file) and return it."""
+        d = self.out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        save_adapter(self.dm, d, training=self.training_metadata())
+        opt = self.optimizer.state_dict()
+        tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
+        scalars: dict[str, dict[str, Any]] = {}
+        for idx, st in opt["state"].items():
+            for name, val in st.items():
+                if isinstance(val, Tensor):
+                    tensors[f"state.{idx}.{name}"] = val.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(idx), {})[name] = val
+        save_file(tensors, str(d / "optimizer.safetensors"))
+        state = {
+            "step": self.step, "contexts_seen": self.contexts_seen, "questions_seen": self.questions_seen,
+            "elapsed": self.elapsed, "param_groups": opt["param_groups"], "optimizer_scalars": scalars,
+            "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+            "python_rng": _jsonable_rng(random.getstate()),
+        }
+        (d / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        return d
+
+    def load_checkpoint(self, directory: str | Path) -> None:
+        """Restore adapter, optimizer, scheduler, RNG and counters from a checkpoint (or a run dir: its latest)."""
+        d = latest_checkpoint(directory) or Path(directory)
+        self.dm.load_adapter_state_dict(load_file(str(d / WEIGHTS_NAME)))
+        state = json.loads((d / "trainer_state.json").read_text())
+        tensors = load_file(str(d / "optimizer.safetensors"))
+        opt_state: dict[int, dict[str, Any]] = {}
+        for key, val in tensors.items():
+            if key.startswith("state."):
+                _, idx, name = key.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = val
+        for idx, extra in state["optimizer_scalars"].items():
+            opt_state.setdefault(int(idx), {}).update(extra)
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        sched = self.scheduler.state_dict()
+        sched.update(state["scheduler"])
+        self.scheduler.load_state_dict(sched)
+        torch.set_rng_state(tensors["rng.torch"])
+        random.setstate(_rng_from_json(state["python_rng"]))
+        self.step = state["step"]
+        self.contexts_seen = state["contexts_seen"]
+        self.questions_seen = state["questions_seen"]
+        self.elapsed = state["elapsed"]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The highest-step checkpoint under ``run_dir/checkpoints`` (or ``run_dir`` itself if it is one)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "trainer_state.json").is_file():
+        return run_dir
+    found = sorted((run_dir / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*")) if run_dir.is_dir() else []
+    found = [p for p in found if (p / "trainer_state.json").is_file()]
+    return found[-1] if found else None
+
+
+def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = None, progress: bool = True) -> Path:
+    """Build the model of ``config``, train it, and return the final adapter directory."""
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    dm, tokenizer = build_model(config)
+    return Trainer(config, dm, tokenizer, out_dir, progress=progress).train(resume=resume)
+
+
+def plot_loss(log_path: Path, png_path: Path) -> None:
+    """Loss (and mean β) against questions seen, from the JSONL log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not recs:
+        return
+    x = [r["questions_seen"] for r in recs]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(x, [r["ce"] for r in recs], lw=0.8, label="answer cross-entropy")
+    ax.set_xlabel("training questions seen")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax2 = ax.twinx()
+    ax2.plot(x, [r["mean_beta"] for r in recs], color="tab:orange", lw=0.8, label="mean β (write pass)")
+    ax2.set_ylabel("mean β")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def _progress(it, enabled: bool, **kw) -> Iterator:
+    if not enabled:
+        return iter(it)
+    from tqdm.auto import tqdm
+
+    return tqdm(it, **kw)
+
+
+def _jsonable_rng(state: tuple) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _rng_from_json(data: list) -> tuple:
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
