@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, ids, randomize, tiny_model
+from tiny_models import ARCHS, ids, randomize, tiny_model
 
 from deltamem_agents import DeltaMemConfig, attach
 from deltamem_agents.ops import cpu_fused

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, ids, randomize, tiny_model
+from tiny_models import ARCHS, ids, randomize, tiny_model
 from transformers import DynamicCache
 
 from deltamem_agents import DeltaMemConfig, attach

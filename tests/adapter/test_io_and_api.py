@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import ids, randomize, tiny_model
+from tiny_models import ids, randomize, tiny_model
 
 from deltamem_agents import (
     DeltaMemConfig,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from tiny_models import tiny_model
 from training_helpers import CharTokenizer
 
 from deltamem_agents.adapter import attach
