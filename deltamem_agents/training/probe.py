@@ -347,8 +347,9 @@ def plot_recall_curve(points: Sequence[dict[str, Any]], png: str | Path, *, chan
     ax.fill_between(x, lo, hi, alpha=0.25, label="95 % Wilson interval")
     ax.plot(x, y, marker="o", label="δ-mem, state only (held-out values)")
     ax.axhline(chance, color="grey", ls="--", label=f"chance ({chance:.2f})")
-    for name, val in (reference or {}).items():
-        ax.axhline(val, ls=":", color="tab:green" if "context" in name else "tab:red", label=name)
+    colours = ("tab:red", "tab:green", "tab:purple", "tab:brown")
+    for (name, val), colour in zip((reference or {}).items(), colours, strict=False):
+        ax.axhline(val, ls=":", color=colour, label=name)
     ax.set_xlabel("training questions seen")
     ax.set_ylabel("4-way choice accuracy")
     ax.set_ylim(0, 1)
