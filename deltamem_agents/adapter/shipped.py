@@ -3,6 +3,12 @@
 Layout: ``deltamem_agents/assets/adapters/<name>/{adapter_config.json, adapter_model.safetensors}``, in the
 format of :func:`~deltamem_agents.adapter.io.save_adapter`. ``DEFAULT_ADAPTER`` names the one ``deltamem`` uses by
 default; its training recipe is recorded in its ``adapter_config.json`` and in ``docs/results.md``.
+
+A trained adapter ships only when it passes the gates of ``docs/results.md``: held-out recall above the no-memory
+arm, and general ability kept (perplexity within 1 % of the plain model after unrelated writes). The first CPU
+run (recipe ``smollm2-tsw``, 1.6k training questions) passed neither — recall at chance, perplexity ×17–130 once
+anything was written — so this release ships none, and the engine falls back to a fresh adapter (base-slice
+init: within 0.01 % of the plain model's perplexity) with a logged warning.
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def test_beta_regulariser_value(tmp_path):
     with WriteGateRecorder(tr.dm, mask=torch.tensor([[1, 0, 0], [0, 0, 0]])) as rec:
         tr.dm.reset_state(2)
         tr.dm(input_ids=x, attention_mask=torch.tensor([[1, 0, 0], [0, 0, 0]]))
-    assert float(rec.mean()) == pytest.approx(float(expected_beta), rel=1e-6)
+    assert float(rec.mean().detach()) == pytest.approx(float(expected_beta), rel=1e-6)
 
 
 def test_steering_disabled_restores_parameters(tmp_path):
