@@ -187,6 +187,25 @@ class DeltaMemLayer(nn.Module):
             self.__dict__["_fast_cache"] = cached
         return cached[1]
 
+    def cached_inference_weights(self) -> tuple[Tensor, object, Tensor | None, Tensor | None]:
+        """:meth:`_inference_weights` without the freshness check: for callers that checked every parameter's
+        version once per forward call (:class:`DeltaMemModel` does) and dropped stale copies."""
+        cached = self.__dict__.get("_fast_cache")
+        return cached[1] if cached is not None else self._inference_weights()
+
+    def fast_decode_write_steer_(
+        self, x: Tensor, memory: Tensor, mask: Tensor | None, out_q: Tensor, weights: tuple
+    ) -> tuple[Tensor, Tensor]:
+        """One-position read + write + query steering (in place on ``out_q``) in one compiled call.
+
+        ``x (B, 1, d)``, ``out_q (B, 1, q_out)`` contiguous float32 CPU → reads ``(B, N·r)`` and the new memory.
+        Same math as :meth:`token_write` + :meth:`correct`; tested against them."""
+        in_t, bias, dq_t, _ = weights
+        B, _, d = x.shape
+        return cpu_fused.decode_write_steer_(
+            x.view(B, d), in_t, bias, memory, mask, out_q.view(B, -1), dq_t, self.scale, self.num_states, self.rank
+        )
+
     def fast_token_write(
         self, x: Tensor, memory: Tensor, mask: Tensor | None, weights: tuple | None = None
     ) -> tuple[Tensor, Tensor]:

@@ -112,6 +112,8 @@ class DeltaMemModel(nn.Module):
         self._ctx.fast = (
             self._writes and self.config.write_mode != "ssw" and self._fast_path_possible(state)
         )
+        if self._ctx.fast:
+            self._drop_stale_fast_weights()
         segment_ids, self._segment_ids = self._segment_ids, None
         if self.config.write_mode == "ssw" and self._writes:
             if segment_ids is not None and tuple(segment_ids.shape) != (B, T):
@@ -123,6 +125,19 @@ class DeltaMemModel(nn.Module):
             state.pending_count = plan.counts.gather(1, plan.last_slot[:, None])[:, 0]
             state.last_segment = plan.last_segment
         return None
+
+    def _drop_stale_fast_weights(self) -> None:
+        """Once per forward call: if any adapter parameter changed in place since the fast path's weight copies
+        were made (an optimiser step, ``load_state_dict``), drop every layer's copies so they are rebuilt."""
+        params = self.__dict__.get("_adapter_params")
+        if params is None:
+            params = self.__dict__["_adapter_params"] = [p for layer in self.delta_layers.values()
+                                                          for p in layer.parameters()]
+        key = tuple(p._version for p in params)
+        if key != self.__dict__.get("_fast_weights_key"):
+            for layer in self.delta_layers.values():
+                layer.__dict__.pop("_fast_cache", None)
+            self.__dict__["_fast_weights_key"] = key
 
     def _fast_path_possible(self, state: DeltaMemState) -> bool:
         """Whether this call may use the compiled inference kernel: float32 CPU model and state, and no gradient
@@ -147,7 +162,14 @@ class DeltaMemModel(nn.Module):
             if self._ctx.fast:
                 # inference fast path (decided once per call by the pre-hook): one compiled read+write call and
                 # in-place steering; this runs 30× per decoded token, so every line here is measured
-                weights = layer._inference_weights()
+                weights = layer.cached_inference_weights()
+                if x.shape[1] == 1 and x.is_contiguous() and output.is_contiguous():
+                    reads, state.memory[slot] = layer.fast_decode_write_steer_(
+                        x, memory, self._ctx.write_mask, output, weights
+                    )
+                    self._ctx.reads[slot] = reads
+                    self._ctx.o_weights[slot] = weights[3]
+                    return None
                 reads, state.memory[slot] = layer.fast_token_write(x, memory, self._ctx.write_mask, weights)
                 self._ctx.reads[slot] = reads
                 self._ctx.o_weights[slot] = weights[3]
@@ -294,6 +316,10 @@ class DeltaMemModel(nn.Module):
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise ValueError(f"adapter tensor {name} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
         self.delta_layers.load_state_dict({k[len("layers.") :]: v for k, v in tensors.items()})
+        self.__dict__.pop("_adapter_params", None)  # parameter objects may have changed: recollect them
+        self.__dict__.pop("_fast_weights_key", None)
+        for layer in self.delta_layers.values():
+            layer.__dict__.pop("_fast_cache", None)
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
