@@ -157,13 +157,6 @@ class DeltaMemLayer(nn.Module):
         return reads.reshape(B, T, N * r), memory, pending
 
     # -- inference fast path (CPU, float32, no autograd) ----------------------------------------------------------
-    def fast_path_ready(self, x: Tensor) -> bool:
-        """True when :meth:`fast_token_write` may serve this call: compiled kernel present, float32 CPU input,
-        and no gradient wanted (the kernel has no autograd)."""
-        if not cpu_fused.AVAILABLE or x.device.type != "cpu" or x.dtype != torch.float32:
-            return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or self.in_proj.requires_grad))
-
     def _inference_weights(self) -> tuple[Tensor, object, Tensor | None, Tensor | None]:
         """Contiguous transposed copies of the weights (and the gate bias as a numpy array), rebuilt when a
         parameter changes: ``(in_proj_t (d, 4·N·r), bias (N·r,), delta_q_t (N·r, q_out), delta_o_t (N·r, o_out))``.

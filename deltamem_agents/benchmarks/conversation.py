@@ -11,22 +11,22 @@ arms answer the same new question, measured in the same run:
   generated.
 
 Per turn we record the wall time and the peak resident memory above the level just before the turn (RSS sampled
-every 2 ms from ``/proc/self/statm`` by a background thread: torch's CPU allocations are invisible to
-tracemalloc). The ratio full ÷ windowed is what matters; these machines are shared and noisy.
+every 2 ms from ``/proc/self/statm`` by :class:`~deltamem_agents.evaluation.resources.ResourceMonitor`: torch's
+CPU allocations are invisible to tracemalloc). The ratio full ÷ windowed is what matters; these machines are shared and noisy.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import statistics
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from ..evaluation.resources import ResourceMonitor
 
 DEFAULT_CHECKPOINTS = (1024, 2048, 4096, 8192, 16384, 32768)
 
@@ -59,39 +59,14 @@ def synthetic_conversation(tokenizer, total_tokens: int, seed: int = 0) -> list[
     return messages
 
 
-class PeakRSS:
-    """Peak resident set size above the level at entry, sampled by a background thread (bytes)."""
+def _peak_rss(interval_s: float = 0.002) -> ResourceMonitor:
+    """Peak RSS above the start of the block, sampled every 2 ms (the evaluation harness's monitor)."""
+    return ResourceMonitor(interval_s=interval_s)
 
-    def __init__(self, interval_s: float = 0.002) -> None:
-        self.interval_s = interval_s
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.peak = 0
-        self.base = 0
 
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            time.sleep(self.interval_s)
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def extra_bytes(self) -> int:
-        return self.peak - self.base
+def _extra_mib(monitor: ResourceMonitor) -> float:
+    usage = monitor.usage
+    return usage.peak_rss_mib - usage.rss_start_mib
 
 
 @dataclass
@@ -108,14 +83,14 @@ def _full_context_turn(engine, history, question, new_tokens: int) -> tuple[int,
     dm = engine.model
     text = tok.apply_chat_template(history + [question], tokenize=False, add_generation_prompt=True)
     ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
-    with PeakRSS() as mem, dm.memory_disabled(), torch.inference_mode():
+    with _peak_rss() as mem, dm.memory_disabled(), torch.inference_mode():
         t0 = time.perf_counter()
         dm.base_model.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
             do_sample=False, pad_token_id=tok.eos_token_id,
         )
         latency = time.perf_counter() - t0
-    return int(ids.shape[1]), latency, mem.extra_bytes / 2**20
+    return int(ids.shape[1]), latency, _extra_mib(mem)
 
 
 def run_conversation_benchmark(
@@ -152,12 +127,12 @@ def run_conversation_benchmark(
             engine.write(session, history, history="full")
             written_upto = n
         for _ in range(repeats):
-            with PeakRSS() as mem:
+            with _peak_rss() as mem:
                 t0 = time.perf_counter()
                 res = engine.chat(session, history + [question], max_new_tokens=new_tokens, history="full")
                 latency = time.perf_counter() - t0
             results.append(TurnMeasure(hist_tokens, "deltamem-windowed", res.usage.prompt_tokens, latency,
-                                       mem.extra_bytes / 2**20))
+                                       _extra_mib(mem)))
             engine.rollback(session, res.turn - 1)  # undo the question + reply so every checkpoint is alike
             if full_context_max is None or hist_tokens <= full_context_max:
                 p, lat, peak = _full_context_turn(engine, history, question, new_tokens)

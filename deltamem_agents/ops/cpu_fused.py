@@ -47,48 +47,54 @@ L2_EPS = 1e-6
 
 if numba is not None:
 
+    @numba.njit(cache=True, nogil=True, fastmath=False, inline="always")
+    def _position(p, bias, state, out, q, k, num_states, rank, eps, write):  # pragma: no cover - compiled
+        # One position of one sequence, shared by both kernels: p (4·N·r,) raw projections [q̂; k̂; v; b̂];
+        # state (N, r, r) updated in place; out (N·r,) reads; q, k (r,) scratch.
+        width = num_states * rank
+        for n in range(num_states):
+            base = n * rank
+            sq = np.float32(0.0)
+            sk = np.float32(0.0)
+            for j in range(rank):
+                qj = math.tanh(p[base + j])
+                kj = math.tanh(p[width + base + j])
+                q[j] = qj
+                k[j] = kj
+                sq += qj * qj
+                sk += kj * kj
+            nq = max(math.sqrt(sq), eps)
+            nk = max(math.sqrt(sk), eps)
+            for j in range(rank):
+                q[j] = q[j] / nq
+                k[j] = k[j] / nk
+            for i in range(rank):
+                acc_q = np.float32(0.0)
+                acc_k = np.float32(0.0)
+                for j in range(rank):
+                    s = state[n, i, j]
+                    acc_q += s * q[j]
+                    acc_k += s * k[j]
+                out[base + i] = acc_q
+                if write:
+                    z = p[3 * width + base + i] + bias[base + i]
+                    beta = 1.0 / (1.0 + math.exp(-z))
+                    e = beta * (p[2 * width + base + i] - acc_k)
+                    keep = 1.0 - beta
+                    for j in range(rank):
+                        state[n, i, j] = keep * state[n, i, j] + e * k[j]
+
     @numba.njit(cache=True, nogil=True, fastmath=False)
     def _fused_kernel(p, bias, state, mask, out, num_states, rank, eps, has_mask):  # pragma: no cover - compiled
-        # p: (B, T, 4·N·r) float32 raw projections [q̂; k̂; v; b̂]; bias: (N·r,); state: (B, N, r, r) in/out;
+        # p: (B, T, 4·N·r) float32 raw projections; bias: (N·r,); state: (B, N, r, r) in/out;
         # mask: (B, T) bool; out: (B, T, N·r) reads.
         B, T, _ = p.shape
-        width = num_states * rank
         q = np.empty(rank, dtype=np.float32)
         k = np.empty(rank, dtype=np.float32)
         for b in range(B):
             for t in range(T):
                 write = (not has_mask) or mask[b, t]
-                for n in range(num_states):
-                    base = n * rank
-                    sq = np.float32(0.0)
-                    sk = np.float32(0.0)
-                    for j in range(rank):
-                        qj = math.tanh(p[b, t, base + j])
-                        kj = math.tanh(p[b, t, width + base + j])
-                        q[j] = qj
-                        k[j] = kj
-                        sq += qj * qj
-                        sk += kj * kj
-                    nq = max(math.sqrt(sq), eps)
-                    nk = max(math.sqrt(sk), eps)
-                    for j in range(rank):
-                        q[j] = q[j] / nq
-                        k[j] = k[j] / nk
-                    for i in range(rank):
-                        acc_q = np.float32(0.0)
-                        acc_k = np.float32(0.0)
-                        for j in range(rank):
-                            s = state[b, n, i, j]
-                            acc_q += s * q[j]
-                            acc_k += s * k[j]
-                        out[b, t, base + i] = acc_q
-                        if write:
-                            z = p[b, t, 3 * width + base + i] + bias[base + i]
-                            beta = 1.0 / (1.0 + math.exp(-z))
-                            e = beta * (p[b, t, 2 * width + base + i] - acc_k)
-                            keep = 1.0 - beta
-                            for j in range(rank):
-                                state[b, n, i, j] = keep * state[b, n, i, j] + e * k[j]
+                _position(p[b, t], bias, state[b], out[b, t], q, k, num_states, rank, eps, write)
 
     @numba.njit(cache=True, nogil=True, fastmath=False)
     def _plain_kernel(q, k, v, beta, state, mask, out, has_mask):  # pragma: no cover - compiled
@@ -155,37 +161,7 @@ if numba is not None:
                 for c in range(W4):
                     p[c] += xi * in_t[i, c]
             write = (not has_mask) or mask[b]
-            for n in range(num_states):
-                base = n * rank
-                sq = np.float32(0.0)
-                sk = np.float32(0.0)
-                for j in range(rank):
-                    qj = math.tanh(p[base + j])
-                    kj = math.tanh(p[width + base + j])
-                    q[j] = qj
-                    k[j] = kj
-                    sq += qj * qj
-                    sk += kj * kj
-                nq = max(math.sqrt(sq), eps)
-                nk = max(math.sqrt(sk), eps)
-                for j in range(rank):
-                    q[j] = q[j] / nq
-                    k[j] = k[j] / nk
-                for i in range(rank):
-                    acc_q = np.float32(0.0)
-                    acc_k = np.float32(0.0)
-                    for j in range(rank):
-                        sv = state[b, n, i, j]
-                        acc_q += sv * q[j]
-                        acc_k += sv * k[j]
-                    out[b, base + i] = acc_q
-                    if write:
-                        z = p[3 * width + base + i] + bias[base + i]
-                        beta = 1.0 / (1.0 + math.exp(-z))
-                        e = beta * (p[2 * width + base + i] - acc_k)
-                        keep = 1.0 - beta
-                        for j in range(rank):
-                            state[b, n, i, j] = keep * state[b, n, i, j] + e * k[j]
+            _position(p, bias, state[b], out[b], q, k, num_states, rank, eps, write)
             if steer_q:
                 for c in range(width):
                     rc = scale * out[b, c]
@@ -238,13 +214,8 @@ def delta_rule_fused_cpu(
         raise ValueError(f"shape mismatch: p {tuple(p.shape)}, memory {tuple(memory.shape)}, N={num_states}, r={rank}")
     if p.dtype != torch.float32 or memory.dtype != torch.float32:
         raise ValueError("the fused CPU kernel takes float32 projections and state")
-    state = memory.detach().clone(memory_format=torch.contiguous_format)
-    out = torch.empty(B, T, num_states * rank, dtype=torch.float32)
-    has_mask = mask is not None
-    m = _np(mask.to(torch.bool)) if has_mask else np.ones((1, 1), dtype=np.bool_)
-    _fused_kernel(_np(p), _np(beta_bias.float()), state.numpy(), m, out.numpy(), num_states, rank,
-                  np.float32(L2_EPS), has_mask)
-    return out, state
+    bias = beta_bias.detach().float().contiguous().numpy()
+    return fused_write_unchecked(p.detach().contiguous(), bias, memory.detach().contiguous(), mask, num_states, rank)
 
 
 def delta_rule_numba(
