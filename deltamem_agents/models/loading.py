@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .embedded import load_embedded_model, prepare_tokenizer
+from .embedded import load_embedded_model, match_gguf_bos, prepare_tokenizer
 
 __all__ = ["default_device", "default_dtype", "load_base_model", "resolve_dtype"]
 
@@ -157,5 +157,7 @@ def load_base_model(
         model_kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(name_or_path, **common, **model_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
+    if gguf is not None and is_local:
+        tokenizer = match_gguf_bos(tokenizer, Path(name_or_path) / gguf)
     model.eval()
     return model, prepare_tokenizer(tokenizer, model)

@@ -13,6 +13,7 @@ Sync stores use ``pysqlite`` and ``psycopg`` (3); async stores use ``aiosqlite``
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -96,8 +97,7 @@ def _install_sqlite_hooks(sync_engine: Engine, busy_timeout_s: float) -> None:
             cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
             cursor.execute("PRAGMA foreign_keys = ON")
             if not memory:
-                # WAL: readers never block the writer and vice versa; the mode is persistent in the file.
-                cursor.execute("PRAGMA journal_mode = WAL")
+                _enable_wal(cursor, busy_timeout_s)
         finally:
             cursor.close()
 
@@ -105,6 +105,31 @@ def _install_sqlite_hooks(sync_engine: Engine, busy_timeout_s: float) -> None:
     def _on_begin(conn: Any) -> None:
         write = conn.get_execution_options().get(WRITE_OPTION, False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _enable_wal(cursor: Any, busy_timeout_s: float) -> None:
+    """Put the file in WAL mode (readers never block the writer and vice versa; the mode is persistent).
+
+    Switching needs an exclusive lock, and SQLite answers "database is locked" at once, without its busy
+    handler, while another connection holds one — as when several processes open a new database together. So
+    the switch is made only when the file is not in WAL mode yet, retrying with back-off up to the busy timeout.
+    """
+    # execute() and fetchone() are separate calls: aiosqlite's adapted cursor does not return itself.
+    cursor.execute("PRAGMA journal_mode")
+    row = cursor.fetchone()
+    if row is not None and str(row[0]).lower() == "wal":
+        return
+    deadline = time.monotonic() + busy_timeout_s
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except Exception as error:  # sqlite3.OperationalError, possibly re-raised by an async adapter
+            if "locked" not in str(error) or time.monotonic() + delay > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
 
 
 def _engine_kwargs(url: URL) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import torch
 from tiny_models import ARCHS, ids, randomize, tiny_model
 
 from deltamem_agents import DeltaMemConfig, attach
+from deltamem_agents.models.kv_cache import forward_with_cache, new_cache
 from deltamem_agents.ops import cpu_fused
 
 pytestmark = pytest.mark.skipif(not cpu_fused.AVAILABLE, reason="numba not installed (or DELTAMEM_KERNEL=torch)")
@@ -42,13 +43,10 @@ def test_fast_path_decode_matches_full_pass():
     full_logits, full_state = _run(dm, tokens, None, grad=False)
     dm.reset_state(1)
     with torch.no_grad():
-        out = dm(tokens[:, :13], use_cache=True)
-        steps = [out.logits]
-        cache = out.past_key_values
+        cache = new_cache(dm.base_model.config)
+        steps = [forward_with_cache(dm, cache, tokens[:, :13]).logits]
         for t in range(13, 21):
-            out = dm(tokens[:, t : t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits)
+            steps.append(forward_with_cache(dm, cache, tokens[:, t : t + 1]).logits)
     torch.testing.assert_close(torch.cat(steps, 1), full_logits, atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(dm.get_state().memory[0], full_state.memory[0], atol=2e-5, rtol=1e-5)
 
@@ -92,12 +90,10 @@ def test_decode_kernel_equals_torch_step_path(mode):
 
     def decode(grad: bool):
         dm.reset_state(2)
-        logits, cache = [], None
+        logits, cache = [], new_cache(dm.base_model.config)
         with torch.set_grad_enabled(grad):
             for t in range(9):
-                out = dm(tokens[:, t : t + 1], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
-                logits.append(out.logits.detach())
+                logits.append(forward_with_cache(dm, cache, tokens[:, t : t + 1]).logits.detach())
         return torch.cat(logits, 1), dm.get_state()
 
     fast_logits, fast_state = decode(False)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import ARCHS, ids, randomize, tiny_model
-from transformers import DynamicCache
 
 from deltamem_agents import DeltaMemConfig, attach
+from deltamem_agents.models.kv_cache import forward_with_cache, new_cache
 
 MODES = ("tsw", "ssw", "msw")
 
@@ -62,14 +62,11 @@ def test_chunked_prefill_then_decode_equals_full_pass(arch, mode):
         full_state = dm.get_state()
 
         dm.reset_state(2)
-        cache = DynamicCache(config=model.config)
+        cache = new_cache(model.config)
         parts, pos = [], 0
         for end in (11, 26, *range(27, 42)):  # two prefill chunks that cut messages, then token by token
             sl = slice(pos, end)
-            out = dm(
-                x[:, sl], past_key_values=cache, use_cache=True,
-                segment_ids=None if seg is None else seg[:, sl],
-            )
+            out = forward_with_cache(dm, cache, x[:, sl], segment_ids=None if seg is None else seg[:, sl])
             parts.append(out.logits)
             pos = end
         stepped = torch.cat(parts, dim=1)
@@ -169,10 +166,10 @@ def test_embedded_model_invariants(embedded):
             full = dm(prompt).logits
             full_state = dm.get_state()
             dm.reset_state(1)
-            cache = DynamicCache(config=model.config)
+            cache = new_cache(model.config)
             T = prompt.shape[1]
-            a = dm(prompt[:, : T - 5], past_key_values=cache, use_cache=True).logits
-            rest = [dm(prompt[:, t : t + 1], past_key_values=cache, use_cache=True).logits for t in range(T - 5, T)]
+            a = forward_with_cache(dm, cache, prompt[:, : T - 5]).logits
+            rest = [forward_with_cache(dm, cache, prompt[:, t : t + 1]).logits for t in range(T - 5, T)]
             torch.testing.assert_close(torch.cat([a, *rest], 1), full, atol=5e-4, rtol=1e-4)
             for x, y in zip(dm.get_state().memory, full_state.memory, strict=True):
                 torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)

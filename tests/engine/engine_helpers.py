@@ -14,15 +14,15 @@ def randomize(dm, seed: int = 1, scale: float = 1.0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * scale * (0.3 if p.dim() == 2 else 1.0))
 
 
-def make_tiny_dm(write_mode: str = "tsw", seed: int = 0):
-    """A 2-layer random Llama (vocab 49,152) with a randomised δ-mem adapter that visibly moves the logits."""
+def make_tiny_dm(write_mode: str = "tsw", seed: int = 0, layers: int = 2):
+    """A random Llama (2 layers by default) (vocab 49,152) with a randomised δ-mem adapter that visibly moves the logits."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from deltamem_agents.adapter import DeltaMemConfig, attach
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=49152, max_position_embeddings=512,
     )
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()

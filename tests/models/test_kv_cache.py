@@ -1,0 +1,83 @@
+"""The KV cache across transformers versions: passed under the name the installed version takes, and checked."""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import pytest
+import torch
+from tiny_models import ARCHS, ids, randomize, tiny_model
+from torch import nn
+
+from deltamem_agents import DeltaMemConfig, attach
+from deltamem_agents.models.kv_cache import (
+    CacheNotUsedError,
+    cache_argument,
+    cache_kwargs,
+    cache_length,
+    forward_with_cache,
+    new_cache,
+)
+
+
+def _installed_name(model) -> str:
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_argument_name_is_the_one_the_installed_forward_declares(arch):
+    model = tiny_model(arch)
+    assert cache_argument(model) == _installed_name(model)
+    # the δ-mem wrapper's forward takes **kwargs: the name comes from the wrapped model
+    assert cache_argument(attach(model, DeltaMemConfig())) == _installed_name(model)
+    assert cache_kwargs(model, None) == {"use_cache": False}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_cached_prefill_and_decode_equal_one_pass_without_deprecation_warnings(arch):
+    dm = attach(tiny_model(arch), DeltaMemConfig())
+    randomize(dm, scale=0.5)
+    x = ids(1, 19)
+    with torch.no_grad():
+        dm.reset_state(1)
+        full = dm(x).logits
+        dm.reset_state(1)
+        cache = new_cache(dm.base_model.config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a deprecated argument name would raise here
+            parts = [forward_with_cache(dm, cache, x[:, :12]).logits]
+            parts += [forward_with_cache(dm, cache, x[:, t : t + 1]).logits for t in range(12, 19)]
+    assert cache_length(cache) == 19
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-4, rtol=1e-4)
+
+
+class _DropsTheCache(nn.Module):
+    """A model whose forward accepts a cache argument and ignores it: what a renamed argument looks like when
+    the old name lands in ``**kwargs``."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids=None, past_key_values=None, use_cache=None, **kwargs):
+        return self.inner(input_ids=input_ids, use_cache=False, **kwargs)
+
+
+def test_a_call_that_ignores_its_cache_raises():
+    inner = tiny_model("llama")
+    model = _DropsTheCache(inner)
+    cache = new_cache(inner.config)
+    with torch.no_grad(), pytest.raises(CacheNotUsedError, match="did not use the cache"):
+        forward_with_cache(model, cache, ids(1, 5))
+    assert cache_length(cache) == 0
+
+
+def test_a_model_without_any_cache_argument_is_a_clear_error():
+    class NoCache(nn.Module):
+        def forward(self, input_ids):
+            return input_ids
+
+    with pytest.raises(TypeError, match="takes none of"):
+        cache_argument(NoCache())
