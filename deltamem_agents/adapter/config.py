@@ -10,6 +10,15 @@ from typing import Any
 WRITE_MODES = ("tsw", "ssw", "msw")
 BRANCHES = ("q", "o")
 INITS = ("zero", "base_slice")
+#: ``coupled``: λ = 1 − β (the paper). Extensions beyond the paper: ``decoupled`` (λ from its own projection,
+#: bias ``lambda_bias_init``) and ``delta`` (λ = 1: nothing decays, only the delta rule's erase overwrites).
+UPDATE_RULES = ("coupled", "decoupled", "delta")
+#: Initialisation of the memory read projection W_q^m: ``random`` (the paper) or ``key`` (a copy of W_k^m, so a
+#: read with the hidden state that was written finds it at once; beyond the paper).
+QUERY_INITS = ("random", "key")
+#: Named layer subsets, resolved against the model's depth when the adapter is attached (beyond the paper, whose
+#: adapter wraps every layer): ``upper_half``, ``middle_half`` (the central 50 %), ``last_quarter``.
+LAYER_PRESETS = ("upper_half", "middle_half", "last_quarter")
 
 
 @dataclass
@@ -24,7 +33,8 @@ class DeltaMemConfig:
             sub-states, token writes, reads concatenated).
         num_states: number of sub-states ``N``; derived from ``write_mode`` when left as ``None``
             (1 for TSW/SSW, 4 for MSW).
-        target_layers: indices of the decoder layers to wrap; ``None`` wraps every layer.
+        target_layers: indices of the decoder layers to wrap, a preset name (``LAYER_PRESETS``), or ``None`` for
+            every layer.
         branches: which attention branches receive the read-back correction, a subset of ``("q", "o")``.
         init: initialisation of the correction matrices ``W_q^Δ``/``W_o^Δ``: ``"zero"`` or ``"base_slice"``
             (first ``N·r`` input columns of the frozen projection, columns L2-normalised, times
@@ -32,18 +42,30 @@ class DeltaMemConfig:
         base_slice_scale: scale of the ``base_slice`` initialisation.
         beta_bias_init: initial value of the write-gate bias ``b_β`` (−1.5 gives β ≈ 0.18).
         chunk_size: chunk length of the chunked scan used for prompts (prefill and training).
+        update_rule: ``"coupled"`` (paper), ``"decoupled"`` or ``"delta"`` (see ``UPDATE_RULES``).
+        lambda_bias_init: initial retention-gate bias of the decoupled rule (5.0 gives λ ≈ 0.993 per write, a
+            half-life of ≈ 100 writes).
+        query_init: ``"random"`` (paper) or ``"key"`` (see ``QUERY_INITS``).
+        steer_writes: whether a call that writes the memory is also steered by it (True, the paper). False
+            (beyond the paper): writing calls run the frozen base unchanged and only calls with writes off (the
+            windowed and state-only engine modes' prompts) read the memory back — which lets training compute
+            the write pass's hidden states once, without autograd. Online mode then gets no memory reads.
     """
 
     rank: int = 8
     alpha: float = 16.0
     write_mode: str = "tsw"
     num_states: int | None = None
-    target_layers: tuple[int, ...] | None = None
+    target_layers: tuple[int, ...] | str | None = None
     branches: tuple[str, ...] = ("q", "o")
     init: str = "base_slice"
     base_slice_scale: float = 0.05
     beta_bias_init: float = -1.5
     chunk_size: int = 64
+    update_rule: str = "coupled"
+    lambda_bias_init: float = 5.0
+    query_init: str = "random"
+    steer_writes: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -61,7 +83,10 @@ class DeltaMemConfig:
             raise ValueError("write_mode 'msw' needs num_states >= 2 (the paper uses 4)")
         if self.write_mode != "msw" and self.num_states != 1:
             raise ValueError(f"write_mode {self.write_mode!r} keeps one state; use 'msw' for num_states > 1")
-        if self.target_layers is not None:
+        if isinstance(self.target_layers, str):
+            if self.target_layers not in LAYER_PRESETS:
+                raise ValueError(f"target_layers preset must be one of {LAYER_PRESETS}, got {self.target_layers!r}")
+        elif self.target_layers is not None:
             layers = tuple(self.target_layers)
             if not layers or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
                 raise ValueError(f"target_layers must be non-negative layer indices, got {self.target_layers!r}")
@@ -80,6 +105,31 @@ class DeltaMemConfig:
             raise ValueError(f"beta_bias_init must be a number, got {self.beta_bias_init!r}")
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if self.update_rule not in UPDATE_RULES:
+            raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got {self.update_rule!r}")
+        if self.update_rule == "decoupled" and self.write_mode == "ssw":
+            # SSW keeps the open message's projection sums in the state; a λ projection would need its own
+            raise ValueError("update_rule 'decoupled' is not supported with write_mode 'ssw'; use 'delta' or 'coupled'")
+        if isinstance(self.lambda_bias_init, bool) or not isinstance(self.lambda_bias_init, int | float):
+            raise ValueError(f"lambda_bias_init must be a number, got {self.lambda_bias_init!r}")
+        if not isinstance(self.steer_writes, bool):
+            raise ValueError(f"steer_writes must be a bool, got {self.steer_writes!r}")
+        if self.query_init not in QUERY_INITS:
+            raise ValueError(f"query_init must be one of {QUERY_INITS}, got {self.query_init!r}")
+
+    def resolve_layers(self, num_layers: int) -> tuple[int, ...]:
+        """The decoder-layer indices this adapter wraps in a model of ``num_layers`` layers."""
+        t = self.target_layers
+        if t is None:
+            return tuple(range(num_layers))
+        if isinstance(t, str):
+            start, stop = {"upper_half": (num_layers // 2, num_layers),
+                           "middle_half": (num_layers // 4, num_layers - num_layers // 4),
+                           "last_quarter": (num_layers - max(1, num_layers // 4), num_layers)}[t]
+            return tuple(range(start, stop))
+        if max(t) >= num_layers:
+            raise ValueError(f"target_layers {t} out of range: the model has {num_layers} layers")
+        return tuple(t)
 
     @property
     def state_width(self) -> int:
@@ -93,7 +143,8 @@ class DeltaMemConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["target_layers"] = list(self.target_layers) if self.target_layers is not None else None
+        t = self.target_layers
+        d["target_layers"] = t if t is None or isinstance(t, str) else list(t)
         d["branches"] = list(self.branches)
         return d
 
@@ -104,7 +155,7 @@ class DeltaMemConfig:
         if unknown:
             raise ValueError(f"unknown DeltaMemConfig keys: {unknown}")
         data = dict(data)
-        if data.get("target_layers") is not None:
+        if data.get("target_layers") is not None and not isinstance(data["target_layers"], str):
             data["target_layers"] = tuple(data["target_layers"])
         if "branches" in data:
             data["branches"] = tuple(data["branches"])

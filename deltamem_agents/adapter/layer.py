@@ -8,7 +8,8 @@ Per position ``t`` with hidden state ``x_t`` (the input of ``q_proj``, i.e. afte
     r_t = S_{t-1} q_t                        read the old state (N sub-states, reads concatenated → N·r)
     S_t = Diag(1-β_t) S_{t-1} + Diag(β_t)(v_t - S_{t-1} k_t) k_tᵀ
 
-and the attention branches are steered by ``(α/r)·W_q^Δ r_t`` (added to the output of ``q_proj``) and
+(the paper's coupled rule; ``update_rule`` ``decoupled`` replaces ``1 − β_t`` by ``λ_t = σ(W_λ x_t + b_λ)`` and
+``delta`` by 1 — extensions beyond the paper), and the attention branches are steered by ``(α/r)·W_q^Δ r_t`` (added to the output of ``q_proj``) and
 ``(α/r)·W_o^Δ r_t`` (added to the output of ``o_proj``).
 """
 
@@ -35,6 +36,7 @@ class DeltaMemLayer(nn.Module):
         beta_bias: ``(N·r,)`` write-gate bias ``b_β``.
         delta_q: ``(q_out, N·r)`` correction of the query branch (absent when ``"q"`` is not corrected).
         delta_o: ``(o_out, N·r)`` correction of the output branch (absent when ``"o"`` is not corrected).
+        lambda_proj, lambda_bias: ``(N·r, d)`` and ``(N·r,)`` retention gate (``update_rule="decoupled"`` only).
     """
 
     def __init__(self, hidden_size: int, q_out: int, o_out: int, config: DeltaMemConfig) -> None:
@@ -48,6 +50,9 @@ class DeltaMemLayer(nn.Module):
         self.beta_bias = nn.Parameter(torch.empty(width))
         self.delta_q = nn.Parameter(torch.empty(q_out, width)) if "q" in config.branches else None
         self.delta_o = nn.Parameter(torch.empty(o_out, width)) if "o" in config.branches else None
+        decoupled = config.update_rule == "decoupled"
+        self.lambda_proj = nn.Parameter(torch.empty(width, hidden_size)) if decoupled else None
+        self.lambda_bias = nn.Parameter(torch.empty(width)) if decoupled else None
 
     @torch.no_grad()
     def reset_parameters(self, q_weight: Tensor | None = None, o_weight: Tensor | None = None) -> None:
@@ -55,8 +60,13 @@ class DeltaMemLayer(nn.Module):
         width = self.config.state_width
         for block in self.in_proj.split(width, dim=0)[:3]:
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))  # nn.Linear's default
+        if self.config.query_init == "key":  # W_q^m = W_k^m: a read with a written hidden state finds its key
+            self.in_proj[:width].copy_(self.in_proj[width : 2 * width])
         self.in_proj[3 * width :].zero_()
         self.beta_bias.fill_(self.config.beta_bias_init)
+        if self.lambda_proj is not None:  # λ starts input-independent at σ(lambda_bias_init)
+            self.lambda_proj.zero_()
+            self.lambda_bias.fill_(self.config.lambda_bias_init)
         for delta, base in ((self.delta_q, q_weight), (self.delta_o, o_weight)):
             if delta is None:
                 continue
@@ -82,6 +92,16 @@ class DeltaMemLayer(nn.Module):
         beta = torch.sigmoid(p[:, :, 3] + self.beta_bias.view(self.num_states, self.rank).float())
         return qk[:, :, 0], qk[:, :, 1], p[:, :, 2], beta
 
+    def retention(self, x: Tensor, beta: Tensor) -> Tensor | None:
+        """Per-row retention ``λ (B, T, N, r)`` for ``x (B, T, d)``, or None for the coupled ``1 − β``."""
+        rule = self.config.update_rule
+        if rule == "coupled":
+            return None
+        if rule == "delta":
+            return torch.ones_like(beta)
+        lam = F.linear(x, self.lambda_proj).float() + self.lambda_bias.float()
+        return torch.sigmoid(lam).view(beta.shape)
+
     def query(self, p: Tensor) -> Tensor:
         """Only the read query ``(B, T, N, r)`` from raw projections (writes off)."""
         B, T, _ = p.shape
@@ -104,13 +124,15 @@ class DeltaMemLayer(nn.Module):
             reads ``(B, T, N·r)`` float32 and the new memory ``(B, N, r, r)``.
         """
         p = self.project(x)
-        if self._use_fused_kernel(p):
+        if self.config.update_rule == "coupled" and self._use_fused_kernel(p):
             return cpu_fused.delta_rule_fused_cpu(p, self.beta_bias, memory, mask, self.num_states, self.rank)
         q, k, v, beta = self.split(p)
+        decay = self.retention(x, beta)
         if x.shape[1] == 1:
-            out, memory = delta_rule_step(q, k, v, beta, memory, mask)
+            out, memory = delta_rule_step(q, k, v, beta, memory, mask, decay=decay)
         else:
-            out, memory = delta_rule_chunked(q, k, v, beta, memory, mask, chunk_size=self.config.chunk_size)
+            out, memory = delta_rule_chunked(q, k, v, beta, memory, mask, chunk_size=self.config.chunk_size,
+                                             decay=decay)
         return out.reshape(*out.shape[:2], -1), memory
 
     def _use_fused_kernel(self, p: Tensor) -> bool:
@@ -151,6 +173,7 @@ class DeltaMemLayer(nn.Module):
         out, memory = delta_rule_chunked(
             q_ext[:, cut], k_ext[:, cut], v_ext[:, cut], b_ext[:, cut], memory, mask_ext[:, cut],
             chunk_size=self.config.chunk_size,
+            decay=torch.ones_like(b_ext[:, cut]) if self.config.update_rule == "delta" else None,
         )
         reads = out.gather(1, plan.token_pos[..., None, None].expand(B, T, N, r))
         pending = sums.gather(1, plan.last_slot[:, None, None].expand(B, 1, W))[:, 0]

@@ -50,14 +50,10 @@ class DeltaMemModel(nn.Module):
     def __init__(self, model: nn.Module, config: DeltaMemConfig) -> None:
         super().__init__()
         spec, decoder_layers = resolve_architecture(model)
-        if config.target_layers is not None and max(config.target_layers) >= len(decoder_layers):
-            raise ValueError(
-                f"target_layers {config.target_layers} out of range: the model has {len(decoder_layers)} layers"
-            )
         self.base_model = model
         self.config = config
         self.spec: ArchitectureSpec = spec
-        self.layer_indices: tuple[int, ...] = tuple(config.target_layers or range(len(decoder_layers)))
+        self.layer_indices: tuple[int, ...] = config.resolve_layers(len(decoder_layers))
         for p in model.parameters():
             p.requires_grad_(False)
 
@@ -145,7 +141,9 @@ class DeltaMemModel(nn.Module):
         if not cpu_fused.AVAILABLE:
             return False
         first = self._targets[0][1] if self._targets else None
-        if first is None or (torch.is_grad_enabled() and first.in_proj.requires_grad):
+        if first is None or self.config.update_rule != "coupled" or not self.config.steer_writes:
+            return False  # the compiled decode kernel implements the paper's coupled, steering write only
+        if torch.is_grad_enabled() and first.in_proj.requires_grad:
             return False
         weight = self._targets[0][2].weight
         return weight.device.type == "cpu" and weight.dtype == torch.float32 and state.device.type == "cpu"
@@ -159,6 +157,17 @@ class DeltaMemModel(nn.Module):
             memory = state.memory[slot]
             if memory.device != x.device:
                 memory = memory.to(x.device)
+            if self._writes and not self.config.steer_writes:
+                # write only: the base runs unchanged (steer_writes=False; token_write picks the compiled
+                # kernel itself when nothing needs a gradient)
+                if self._ctx.plan is not None:
+                    _, state.memory[slot], state.pending_sum[slot] = layer.sequence_write(
+                        x, memory, state.pending_sum[slot].to(x.device), self._ctx.plan
+                    )
+                else:
+                    mask = self._ctx.write_mask
+                    _, state.memory[slot] = layer.token_write(x, memory, None if mask is None else mask.to(x.device))
+                return None
             if self._ctx.fast:
                 # inference fast path (decided once per call by the pre-hook): one compiled read+write call and
                 # in-place steering; this runs 30× per decoded token, so every line here is measured

@@ -60,6 +60,7 @@ def delta_rule_chunked(
     mask: Tensor | None = None,
     *,
     chunk_size: int = 64,
+    decay: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gated delta rule over a whole sequence, in chunks of ``chunk_size`` positions.
 
@@ -69,6 +70,8 @@ def delta_rule_chunked(
         beta: ``(B, T, N, r)`` per-row write strength in ``[0, 1]``; the decay is ``1 − beta``.
         initial_state: ``(B, N, r, r)`` state before position 0, or None for zeros.
         mask: ``(B, T)`` bool, False = padding (no write; its read is still computed), or None for all True.
+        decay: ``(B, T, N, r)`` retention ``λ`` in ``[0, 1]`` (decoupled/delta rules, beyond the paper), or None
+            for the coupled ``1 − beta``. The derivation above holds with ``c_t = λ_t`` unchanged.
         chunk_size: positions per chunk (``T`` is padded up to a multiple with no-op positions). Memory and
             work per position grow with ``N · r · chunk_size``; the sequential loop has ``T / chunk_size`` steps.
 
@@ -76,7 +79,7 @@ def delta_rule_chunked(
         ``(out, final_state)``: ``out (B, T, N, r)`` with ``out[:, t] = S_{t-1} q_t``, and
         ``final_state (B, N, r, r)``. Both in the dtype of the inputs.
     """
-    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask)
+    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask, decay)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     s = q.new_zeros(B, N, r, r) if initial_state is None else initial_state
@@ -88,8 +91,12 @@ def delta_rule_chunked(
     pad = nC * C - T
     if mask is not None:
         beta = beta.masked_fill(~mask[:, :, None, None], 0.0)
-    if pad:  # padded positions have beta = 0: identity updates
+        if decay is not None:
+            decay = decay.masked_fill(~mask[:, :, None, None], 1.0)
+    if pad:  # padded positions have beta = 0 (and decay 1): identity updates
         q, k, v, beta = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, beta))
+        if decay is not None:
+            decay = F.pad(decay, (0, 0, 0, 0, 0, pad), value=1.0)
 
     # Layouts: shared by the r rows of a sub-state -> (nC, B, N, 1, C, r); per row -> (nC, B, N, r, C).
     Q = q.reshape(B, nC, C, N, r).permute(1, 0, 3, 2, 4).unsqueeze(3)
@@ -97,8 +104,13 @@ def delta_rule_chunked(
     b = beta.reshape(B, nC, C, N, r).permute(1, 0, 3, 4, 2)
     vb = v.reshape(B, nC, C, N, r).permute(1, 0, 3, 4, 2) * b  # β ⊙ v
 
-    # Log-decays (see "Numerics" in the module docstring for the clamp).
-    lc = torch.log1p(-b.clamp_max(1.0 - torch.finfo(b.dtype).eps / 2))
+    # Log-decays (see "Numerics" in the module docstring for the clamp; a separate decay is clamped the same way
+    # away from 0, so log(0) = −inf never enters the running sums).
+    if decay is None:
+        lc = torch.log1p(-b.clamp_max(1.0 - torch.finfo(b.dtype).eps / 2))
+    else:
+        lam = decay.reshape(B, nC, C, N, r).permute(1, 0, 3, 4, 2)
+        lc = torch.log(lam.clamp_min(torch.finfo(b.dtype).tiny))
     L = lc.cumsum(-1)  # log γ_t (inclusive)
     Lx = F.pad(L[..., :-1], (1, 0))  # log γ_{t-1} (exclusive)
     strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)  # [t, j]: j < t

@@ -5,7 +5,8 @@ This file is the readable specification that :mod:`.chunked` and :mod:`.step` ar
 For every batch row ``b`` and sub-state ``n`` there is a state ``S ∈ R^{r×r}`` (row index ``i`` = value
 dim, column index ``j`` = key dim). At each position ``t`` with ``q_t, k_t ∈ R^r`` (already L2-normalised by
 the caller; nothing here normalises), ``v_t ∈ R^r`` and one gate per ROW of ``S``, ``β_t ∈ [0, 1]^r``,
-``λ_t = 1 − β_t``::
+``λ_t = 1 − β_t`` (the paper's coupled rule; a separate ``decay`` tensor gives the decoupled and pure delta
+rules, an extension beyond the paper)::
 
     read:   o_t = S_{t-1} q_t                                   (read BEFORE write)
     write:  S_t = Diag(λ_t) S_{t-1} + Diag(β_t) (v_t − S_{t-1} k_t) k_tᵀ
@@ -29,6 +30,7 @@ def check_inputs(
     beta: Tensor,
     initial_state: Tensor | None,
     mask: Tensor | None,
+    decay: Tensor | None = None,
 ) -> tuple[int, int, int, int]:
     """Cheap shape/dtype checks shared by the three implementations; returns ``(B, T, N, r)``.
 
@@ -38,7 +40,8 @@ def check_inputs(
     if q.dim() != 4:
         raise ValueError(f"q must have shape (B, T, N, r), got {tuple(q.shape)}")
     shape = q.shape
-    for name, x in (("k", k), ("v", v), ("beta", beta)):
+    named = [("k", k), ("v", v), ("beta", beta)] + ([("decay", decay)] if decay is not None else [])
+    for name, x in named:
         if x.shape != shape:
             raise ValueError(f"{name} must have the shape of q {tuple(shape)}, got {tuple(x.shape)}")
         if x.dtype != q.dtype:
@@ -68,6 +71,7 @@ def delta_rule_reference(
     beta: Tensor,
     initial_state: Tensor | None = None,
     mask: Tensor | None = None,
+    decay: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gated delta rule, one position at a time (the specification).
 
@@ -76,23 +80,25 @@ def delta_rule_reference(
         v: ``(B, T, N, r)`` value written.
         beta: ``(B, T, N, r)`` per-row write strength in ``[0, 1]``; the decay is ``1 − beta``.
         initial_state: ``(B, N, r, r)`` state before position 0, or None for zeros.
-        mask: ``(B, T)`` bool, False = padding (no write; its read is still computed), or None for all True.
+        mask: ``(B, T)`` bool, False = padding (no write and no decay; its read is still computed), or None.
+        decay: ``(B, T, N, r)`` per-row retention ``λ_t`` in ``[0, 1]``, or None for the coupled ``1 − beta``.
 
     Returns:
         ``(out, final_state)``: ``out (B, T, N, r)`` with ``out[:, t] = S_{t-1} q_t``, and
         ``final_state (B, N, r, r)``. Both in the dtype of the inputs.
     """
-    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask)
+    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask, decay)
     S = q.new_zeros(B, N, r, r) if initial_state is None else initial_state
     outs = []
     for t in range(T):
         q_t, k_t, v_t, b_t = q[:, t], k[:, t], v[:, t], beta[:, t]  # (B, N, r)
+        l_t = 1 - b_t if decay is None else decay[:, t]
         if mask is not None:
             b_t = torch.where(mask[:, t, None, None], b_t, torch.zeros_like(b_t))
+            l_t = torch.where(mask[:, t, None, None], l_t, torch.ones_like(l_t))
         outs.append(torch.einsum("bnij,bnj->bni", S, q_t))  # read before write
         Sk = torch.einsum("bnij,bnj->bni", S, k_t)
-        decay = (1 - b_t)[..., :, None]  # Diag(λ_t): scales row i of S
         write = (b_t * (v_t - Sk))[..., :, None] * k_t[..., None, :]  # Diag(β_t)(v_t − S k_t) k_tᵀ
-        S = decay * S + write
+        S = l_t[..., :, None] * S + write  # Diag(λ_t) scales row i of S
     out = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, N, r)
     return out, S

@@ -29,6 +29,7 @@ def delta_rule_step(
     beta: Tensor,
     initial_state: Tensor | None = None,
     mask: Tensor | None = None,
+    decay: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One position of the gated delta rule.
 
@@ -38,6 +39,7 @@ def delta_rule_step(
         beta: ``(B, 1, N, r)`` per-row write strength in ``[0, 1]``; the decay is ``1 − beta``.
         initial_state: ``(B, N, r, r)`` state before this position, or None for zeros.
         mask: ``(B, 1)`` bool, False = padding (no write; the read is still computed), or None for all True.
+        decay: ``(B, 1, N, r)`` retention ``λ`` (decoupled/delta rules), or None for the coupled ``1 − beta``.
 
     Returns:
         ``(out, new_state)``: ``out (B, 1, N, r) = S q`` (read before the write; a strided view, not
@@ -46,7 +48,7 @@ def delta_rule_step(
     Raises:
         ValueError: on bad shapes/dtypes, or if ``T != 1``.
     """
-    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask)
+    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask, decay)
     if T != 1:
         raise ValueError(f"delta_rule_step takes one position (T == 1), got T = {T}")
     S = q.new_zeros(B, N, r, r) if initial_state is None else initial_state
@@ -55,4 +57,9 @@ def delta_rule_step(
     X = (v - Sk).unsqueeze(-1) * k.unsqueeze(-2) - S1  # (v − S k) kᵀ − S
     if mask is not None:
         beta = beta * mask[:, :, None, None]
-    return Sq, torch.addcmul(S1, beta.unsqueeze(-1), X).squeeze(1)
+    if decay is None:
+        return Sq, torch.addcmul(S1, beta.unsqueeze(-1), X).squeeze(1)
+    # decoupled: S' = Diag(λ) S + Diag(β)(v − S k) kᵀ = Diag(λ) S + Diag(β)(X + S)
+    if mask is not None:
+        decay = torch.where(mask[:, :, None, None], decay, torch.ones_like(decay))
+    return Sq, (decay.unsqueeze(-1) * S1 + beta.unsqueeze(-1) * (X + S1)).squeeze(1)
