@@ -23,7 +23,7 @@ class ArchitectureSpec:
         name: family name shown in messages.
         layers_paths: dotted paths (from the causal-LM root) tried in order to find the decoder ``ModuleList``.
         attention: attribute of a decoder layer holding the attention module.
-        q_proj / o_proj: attribute names of the query and output projections inside the attention module.
+        q_proj / o_proj / v_proj: attribute names of the query, output and value projections of the attention.
         notes: what is special about the family (for the docs and error messages).
     """
 
@@ -32,6 +32,7 @@ class ArchitectureSpec:
     attention: str = "self_attn"
     q_proj: str = "q_proj"
     o_proj: str = "o_proj"
+    v_proj: str = "v_proj"  # only the wide-value option decodes through it
     notes: str = ""
 
 

@@ -50,6 +50,14 @@ class DeltaMemConfig:
             (beyond the paper): writing calls run the frozen base unchanged and only calls with writes off (the
             windowed and state-only engine modes' prompts) read the memory back — which lets training compute
             the write pass's hidden states once, without autograd. Online mode then gets no memory reads.
+        wide_value: (beyond the paper) the memory stores the attention input itself as its value: ``S ∈ R^{d×r}``
+            per sub-state, written with a scalar gate per token, and the read ``m = S q`` (width ``d``) is decoded
+            by the layer's own frozen ``v_proj`` and ``o_proj`` (no bias) — as if attention had attended to the
+            remembered tokens — times a learned per-layer gain, and added to the attention output. Replaces the
+            two low-rank corrections (needs ``branches=("o",)``); TSW/MSW only. ``S = 0`` is exactly the base
+            model whatever the gain.
+        wide_gain_init: initial gain of the wide read (0: the untrained adapter is the base model even with a
+            written state; the gain learns first, then keys and queries).
     """
 
     rank: int = 8
@@ -66,6 +74,8 @@ class DeltaMemConfig:
     lambda_bias_init: float = 5.0
     query_init: str = "random"
     steer_writes: bool = True
+    wide_value: bool = False
+    wide_gain_init: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -112,6 +122,15 @@ class DeltaMemConfig:
             raise ValueError("update_rule 'decoupled' is not supported with write_mode 'ssw'; use 'delta' or 'coupled'")
         if isinstance(self.lambda_bias_init, bool) or not isinstance(self.lambda_bias_init, int | float):
             raise ValueError(f"lambda_bias_init must be a number, got {self.lambda_bias_init!r}")
+        if not isinstance(self.wide_value, bool):
+            raise ValueError(f"wide_value must be a bool, got {self.wide_value!r}")
+        if self.wide_value:
+            if self.write_mode == "ssw":
+                raise ValueError("wide_value supports write_mode 'tsw' and 'msw', not 'ssw'")
+            if self.branches != ("o",):
+                raise ValueError("wide_value reads into the attention output only: set branches=('o',)")
+        if isinstance(self.wide_gain_init, bool) or not isinstance(self.wide_gain_init, int | float):
+            raise ValueError(f"wide_gain_init must be a number, got {self.wide_gain_init!r}")
         if not isinstance(self.steer_writes, bool):
             raise ValueError(f"steer_writes must be a bool, got {self.steer_writes!r}")
         if self.query_init not in QUERY_INITS:

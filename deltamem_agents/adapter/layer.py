@@ -37,6 +37,10 @@ class DeltaMemLayer(nn.Module):
         delta_q: ``(q_out, N·r)`` correction of the query branch (absent when ``"q"`` is not corrected).
         delta_o: ``(o_out, N·r)`` correction of the output branch (absent when ``"o"`` is not corrected).
         lambda_proj, lambda_bias: ``(N·r, d)`` and ``(N·r,)`` retention gate (``update_rule="decoupled"`` only).
+
+    With ``wide_value`` (beyond the paper): ``in_proj`` is ``(2·N·r + N, d)`` rows ``[W_q^m; W_k^m; W_β]`` (one
+    gate per sub-state), ``beta_bias`` and ``lambda_bias`` are ``(N,)``, ``lambda_proj`` ``(N, d)``, the state is
+    ``(B, N, d, r)``, there are no ``delta_q``/``delta_o`` and ``wide_gain (1,)`` scales the decoded read.
     """
 
     def __init__(self, hidden_size: int, q_out: int, o_out: int, config: DeltaMemConfig) -> None:
@@ -46,23 +50,31 @@ class DeltaMemLayer(nn.Module):
         self.rank = config.rank
         self.scale = config.scale
         width = config.state_width
-        self.in_proj = nn.Parameter(torch.empty(4 * width, hidden_size))
-        self.beta_bias = nn.Parameter(torch.empty(width))
-        self.delta_q = nn.Parameter(torch.empty(q_out, width)) if "q" in config.branches else None
-        self.delta_o = nn.Parameter(torch.empty(o_out, width)) if "o" in config.branches else None
+        self.wide = config.wide_value
+        self.hidden_size = hidden_size
+        gates = config.num_states if self.wide else width  # gate rows: one per sub-state (wide) or per state row
+        self.in_proj = nn.Parameter(torch.empty((2 * width + gates) if self.wide else 4 * width, hidden_size))
+        self.beta_bias = nn.Parameter(torch.empty(gates))
+        narrow = not self.wide
+        self.delta_q = nn.Parameter(torch.empty(q_out, width)) if narrow and "q" in config.branches else None
+        self.delta_o = nn.Parameter(torch.empty(o_out, width)) if narrow and "o" in config.branches else None
+        self.wide_gain = nn.Parameter(torch.empty(1)) if self.wide else None
         decoupled = config.update_rule == "decoupled"
-        self.lambda_proj = nn.Parameter(torch.empty(width, hidden_size)) if decoupled else None
-        self.lambda_bias = nn.Parameter(torch.empty(width)) if decoupled else None
+        self.lambda_proj = nn.Parameter(torch.empty(gates, hidden_size)) if decoupled else None
+        self.lambda_bias = nn.Parameter(torch.empty(gates)) if decoupled else None
 
     @torch.no_grad()
     def reset_parameters(self, q_weight: Tensor | None = None, o_weight: Tensor | None = None) -> None:
         """Initialise as the brief says: W^m Kaiming-uniform, W_β = 0, b_β = beta_bias_init, W^Δ zero or base slice."""
         width = self.config.state_width
-        for block in self.in_proj.split(width, dim=0)[:3]:
+        projections = 2 if self.wide else 3  # q, k (and v unless the value is the hidden state itself)
+        for block in self.in_proj[: projections * width].split(width, dim=0):
             nn.init.kaiming_uniform_(block, a=math.sqrt(5))  # nn.Linear's default
         if self.config.query_init == "key":  # W_q^m = W_k^m: a read with a written hidden state finds its key
             self.in_proj[:width].copy_(self.in_proj[width : 2 * width])
-        self.in_proj[3 * width :].zero_()
+        self.in_proj[projections * width :].zero_()
+        if self.wide_gain is not None:
+            self.wide_gain.fill_(self.config.wide_gain_init)
         self.beta_bias.fill_(self.config.beta_bias_init)
         if self.lambda_proj is not None:  # λ starts input-independent at σ(lambda_bias_init)
             self.lambda_proj.zero_()
@@ -84,9 +96,20 @@ class DeltaMemLayer(nn.Module):
         p = F.linear(x, self.in_proj)
         return p if p.dtype == torch.float32 else p.float()
 
-    def split(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Raw projections ``(B, T, 4·N·r)`` → ``q, k, v, β`` each ``(B, T, N, r)``."""
+    def split(self, p: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Raw projections ``(B, T, 4·N·r)`` → ``q, k, v, β`` each ``(B, T, N, r)``.
+
+        Wide values: ``p (B, T, 2·N·r + N)`` and the attention input ``x (B, T, d)`` → ``q, k (B, T, N, r)``,
+        ``v = x`` and ``β`` (one gate per sub-state, expanded over the rows) each ``(B, T, N, d)``."""
         B, T, _ = p.shape
+        if self.wide:
+            if x is None:
+                raise ValueError("a wide-value layer needs the attention input x to split its projections")
+            N, r, d = self.num_states, self.rank, x.shape[-1]
+            qk = F.normalize(torch.tanh(p[..., : 2 * N * r].view(B, T, 2, N, r)), dim=-1, eps=L2_EPS)
+            beta = torch.sigmoid(p[..., 2 * N * r :] + self.beta_bias.float())  # (B, T, N)
+            v = x.float()[:, :, None, :].expand(B, T, N, d)
+            return qk[:, :, 0], qk[:, :, 1], v, beta[..., None].expand(B, T, N, d)
         p = p.view(B, T, 4, self.num_states, self.rank)
         qk = F.normalize(torch.tanh(p[:, :, :2]), dim=-1, eps=L2_EPS)
         beta = torch.sigmoid(p[:, :, 3] + self.beta_bias.view(self.num_states, self.rank).float())
@@ -99,13 +122,15 @@ class DeltaMemLayer(nn.Module):
             return None
         if rule == "delta":
             return torch.ones_like(beta)
-        lam = F.linear(x, self.lambda_proj).float() + self.lambda_bias.float()
-        return torch.sigmoid(lam).view(beta.shape)
+        lam = torch.sigmoid(F.linear(x, self.lambda_proj).float() + self.lambda_bias.float())
+        if self.wide:  # one retention per sub-state, shared by its rows
+            return lam[..., None].expand(beta.shape)
+        return lam.view(beta.shape)
 
     def query(self, p: Tensor) -> Tensor:
         """Only the read query ``(B, T, N, r)`` from raw projections (writes off)."""
         B, T, _ = p.shape
-        q = p.view(B, T, 4, self.num_states, self.rank)[:, :, 0]
+        q = p[..., : self.num_states * self.rank].reshape(B, T, self.num_states, self.rank)
         return F.normalize(torch.tanh(q), dim=-1, eps=L2_EPS)
 
     # -- read and write -----------------------------------------------------------------------------------------
@@ -113,6 +138,8 @@ class DeltaMemLayer(nn.Module):
         """Every token reads the fixed state. ``x (B,T,d)``, ``memory (B,N,r,r)`` → reads ``(B,T,N·r)`` float32."""
         q = self.query(self.project(x))
         out = torch.einsum("bnij,btnj->btni", memory, q)
+        if self.wide:  # (B, T, N, d): the sub-states' reads add up in the hidden space
+            return out.sum(2)
         return out.reshape(*out.shape[:2], -1)
 
     def token_write(self, x: Tensor, memory: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -124,15 +151,17 @@ class DeltaMemLayer(nn.Module):
             reads ``(B, T, N·r)`` float32 and the new memory ``(B, N, r, r)``.
         """
         p = self.project(x)
-        if self.config.update_rule == "coupled" and self._use_fused_kernel(p):
+        if not self.wide and self.config.update_rule == "coupled" and self._use_fused_kernel(p):
             return cpu_fused.delta_rule_fused_cpu(p, self.beta_bias, memory, mask, self.num_states, self.rank)
-        q, k, v, beta = self.split(p)
+        q, k, v, beta = self.split(p, x)
         decay = self.retention(x, beta)
         if x.shape[1] == 1:
             out, memory = delta_rule_step(q, k, v, beta, memory, mask, decay=decay)
         else:
             out, memory = delta_rule_chunked(q, k, v, beta, memory, mask, chunk_size=self.config.chunk_size,
                                              decay=decay)
+        if self.wide:
+            return out.sum(2), memory
         return out.reshape(*out.shape[:2], -1), memory
 
     def _use_fused_kernel(self, p: Tensor) -> bool:
@@ -247,6 +276,18 @@ class DeltaMemLayer(nn.Module):
         return True
 
     # -- steering -----------------------------------------------------------------------------------------------
+    def wide_output(self, out: Tensor, reads: Tensor, v_weight: Tensor, o_weight: Tensor, head_dim: int) -> Tensor:
+        """``out + g · o_proj(repeat_kv(v_proj(m)))`` without the projections' biases (so ``m = 0`` adds exactly
+        0). ``out (B, T, D)``, ``reads m (B, T, d)``; frozen ``v_weight (kv·hd, d)`` and ``o_weight (D, H·hd)``."""
+        B, T, _ = reads.shape
+        values = F.linear(reads.to(v_weight.dtype), v_weight)  # what v_proj makes of the remembered states
+        kv_repeat = o_weight.shape[1] // values.shape[-1]
+        if kv_repeat > 1:  # grouped-query attention: each kv head serves kv_repeat query heads, in order
+            kv_heads = values.shape[-1] // head_dim
+            values = values.view(B, T, kv_heads, 1, head_dim).expand(B, T, kv_heads, kv_repeat, head_dim)
+            values = values.reshape(B, T, -1)
+        return out + self.wide_gain.to(out.dtype) * F.linear(values, o_weight).to(out.dtype)
+
     def correct(self, out: Tensor, reads: Tensor, delta: Tensor) -> Tensor:
         """``out + (α/r)·reads @ deltaᵀ`` in one fused op. ``out (B,T,D)``, ``reads (B,T,N·r)``."""
         shape = out.shape

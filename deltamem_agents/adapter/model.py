@@ -58,6 +58,7 @@ class DeltaMemModel(nn.Module):
             p.requires_grad_(False)
 
         self.delta_layers = nn.ModuleDict()
+        self._wide: list[tuple[Tensor, Tensor, int]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle | Interception] = []
         self._targets: list[tuple[int, DeltaMemLayer, nn.Linear, nn.Linear]] = []
         for slot, idx in enumerate(self.layer_indices):
@@ -69,6 +70,10 @@ class DeltaMemModel(nn.Module):
             layer.reset_parameters(q_proj.weight, o_proj.weight)
             self.delta_layers[str(idx)] = layer
             self._targets.append((slot, layer, q_proj, o_proj))
+            if config.wide_value:  # the frozen projections that decode a wide read (references, not copies)
+                v_proj: nn.Linear = getattr(attn, spec.v_proj)
+                head_dim = getattr(attn, "head_dim", None) or q_proj.out_features // model.config.num_attention_heads
+                self._wide.append((v_proj.weight, o_proj.weight, int(head_dim)))
         self._install_hooks()
 
         self._state: DeltaMemState | None = None
@@ -141,7 +146,8 @@ class DeltaMemModel(nn.Module):
         if not cpu_fused.AVAILABLE:
             return False
         first = self._targets[0][1] if self._targets else None
-        if first is None or self.config.update_rule != "coupled" or not self.config.steer_writes:
+        cfg = self.config
+        if first is None or cfg.update_rule != "coupled" or not cfg.steer_writes or cfg.wide_value:
             return False  # the compiled decode kernel implements the paper's coupled, steering write only
         if torch.is_grad_enabled() and first.in_proj.requires_grad:
             return False
@@ -211,6 +217,8 @@ class DeltaMemModel(nn.Module):
                 if weight_t is None or layer.steer_(output, reads, weight_t):
                     return None
                 reads = reads.view(*output.shape[:2], -1)
+            if layer.wide:
+                return layer.wide_output(output, reads, *self._wide[slot])
             if layer.delta_o is None:
                 return None
             return layer.correct(output, reads, layer.delta_o)
@@ -240,6 +248,12 @@ class DeltaMemModel(nn.Module):
             self._segment_ids = None
 
     # -- state --------------------------------------------------------------------------------------------------
+    @property
+    def value_width(self) -> int:
+        """Rows of each sub-state: ``r`` (paper) or the hidden size (``wide_value``)."""
+        first = next(iter(self.delta_layers.values()))
+        return first.hidden_size if first.wide else self.config.rank
+
     def new_state(self, batch_size: int = 1) -> DeltaMemState:
         """A fresh (all-zero) state for ``batch_size`` sequences, on the model's device."""
         device = next(iter(self.delta_layers.values())).in_proj.device
@@ -248,6 +262,7 @@ class DeltaMemModel(nn.Module):
             batch_size,
             self.config.num_states,
             self.config.rank,
+            value_width=self.value_width,
             sequence_write=self.config.write_mode == "ssw",
             device=device if device.type != "meta" else "cpu",
         )
@@ -282,7 +297,7 @@ class DeltaMemModel(nn.Module):
         """Raise ``ValueError`` unless ``state`` fits this adapter (layers, sub-state shape, write mode) and is
         finite."""
         cfg = self.config
-        expect = (cfg.num_states, cfg.rank, cfg.rank)
+        expect = (cfg.num_states, self.value_width, cfg.rank)
         if state.num_layers != len(self.layer_indices):
             raise ValueError(f"state has {state.num_layers} layers, the adapter wraps {len(self.layer_indices)}")
         if tuple(state.memory[0].shape[1:]) != expect:

@@ -42,13 +42,16 @@ class DeltaMemState:
         num_states: int,
         rank: int,
         *,
+        value_width: int | None = None,
         sequence_write: bool = False,
         device: torch.device | str | None = None,
     ) -> DeltaMemState:
-        """A fresh state: ``S₀ = 0`` (gives exactly the base model's logits)."""
+        """A fresh state: ``S₀ = 0`` (gives exactly the base model's logits). ``value_width``: rows of each
+        sub-state (``rank`` when None, as in the paper; the hidden size for wide values)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        mem = [torch.zeros(batch_size, num_states, rank, rank, device=device) for _ in range(num_layers)]
+        rows = rank if value_width is None else value_width
+        mem = [torch.zeros(batch_size, num_states, rows, rank, device=device) for _ in range(num_layers)]
         if not sequence_write:
             return cls(mem)
         width = 4 * num_states * rank
@@ -165,8 +168,8 @@ class DeltaMemState:
         if "memory" not in tensors:
             raise ValueError("state tensors lack 'memory'")
         memory = tensors["memory"]
-        if memory.dim() != 5 or memory.shape[-1] != memory.shape[-2]:
-            raise ValueError(f"'memory' must have shape (L, B, N, r, r), got {tuple(memory.shape)}")
+        if memory.dim() != 5:
+            raise ValueError(f"'memory' must have shape (L, B, N, r, r) (or (L, B, N, d, r)), got {tuple(memory.shape)}")
         mem = [m.clone().float() for m in memory.unbind(0)]
         keys = {"pending_sum", "pending_count", "last_segment"}
         present = keys & tensors.keys()

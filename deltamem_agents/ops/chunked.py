@@ -80,11 +80,12 @@ def delta_rule_chunked(
         ``final_state (B, N, r, r)``. Both in the dtype of the inputs.
     """
     B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask, decay)
+    dv = v.shape[-1]  # rows of the state (= r in the paper; the hidden size for wide values)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    s = q.new_zeros(B, N, r, r) if initial_state is None else initial_state
+    s = q.new_zeros(B, N, dv, r) if initial_state is None else initial_state
     if T == 0:
-        return q.new_zeros(B, 0, N, r), s
+        return q.new_zeros(B, 0, N, dv), s
 
     C = min(chunk_size, T)
     nC = -(-T // C)
@@ -101,37 +102,37 @@ def delta_rule_chunked(
     # Layouts: shared by the r rows of a sub-state -> (nC, B, N, 1, C, r); per row -> (nC, B, N, r, C).
     Q = q.reshape(B, nC, C, N, r).permute(1, 0, 3, 2, 4).unsqueeze(3)
     K = k.reshape(B, nC, C, N, r).permute(1, 0, 3, 2, 4).unsqueeze(3)
-    b = beta.reshape(B, nC, C, N, r).permute(1, 0, 3, 4, 2)
-    vb = v.reshape(B, nC, C, N, r).permute(1, 0, 3, 4, 2) * b  # β ⊙ v
+    b = beta.reshape(B, nC, C, N, dv).permute(1, 0, 3, 4, 2)
+    vb = v.reshape(B, nC, C, N, dv).permute(1, 0, 3, 4, 2) * b  # β ⊙ v
 
     # Log-decays (see "Numerics" in the module docstring for the clamp; a separate decay is clamped the same way
     # away from 0, so log(0) = −inf never enters the running sums).
     if decay is None:
         lc = torch.log1p(-b.clamp_max(1.0 - torch.finfo(b.dtype).eps / 2))
     else:
-        lam = decay.reshape(B, nC, C, N, r).permute(1, 0, 3, 4, 2)
+        lam = decay.reshape(B, nC, C, N, dv).permute(1, 0, 3, 4, 2)
         lc = torch.log(lam.clamp_min(torch.finfo(b.dtype).tiny))
     L = lc.cumsum(-1)  # log γ_t (inclusive)
     Lx = F.pad(L[..., :-1], (1, 0))  # log γ_{t-1} (exclusive)
     strict = torch.ones(C, C, dtype=torch.bool, device=q.device).tril(-1)  # [t, j]: j < t
-    D = (Lx[..., :, None] - L[..., None, :]).masked_fill(~strict, float("-inf")).exp()  # (nC,B,N,r,C,C)
+    D = (Lx[..., :, None] - L[..., None, :]).masked_fill(~strict, float("-inf")).exp()  # (nC,B,N,dv,C,C)
 
     KQ = torch.cat((K, Q), dim=-2) @ K.mT  # (nC,B,N,1,2C,C): [k_t·k_j ; q_t·k_j]
     A = D * KQ[..., :C, :] * b[..., :, None]
     P = D * KQ[..., C:, :]
 
     gx = Lx.exp()  # γ_{t-1}
-    rhs = torch.cat((vb[..., None], (b * gx)[..., None] * K), dim=-1)  # (nC,B,N,r,C,1+r)
+    rhs = torch.cat((vb[..., None], (b * gx)[..., None] * K), dim=-1)  # (nC,B,N,dv,C,1+r)
     X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # [U, Wk]; diag(A)=0 ignored
     PX = P @ X
-    Qeff = gx[..., None] * Q - PX[..., 1:]  # (nC,B,N,r,C,r)
+    Qeff = gx[..., None] * Q - PX[..., 1:]  # (nC,B,N,dv,C,r)
 
     g = (L[..., -1:] - L).exp()  # γ_C / γ_j
-    G = K.mT @ (g[..., None] * X)  # (nC,B,N,r,r,1+r): [h, Kᵀ Diag(g) Wk]
+    G = K.mT @ (g[..., None] * X)  # (nC,B,N,dv,r,1+r): [h, Kᵀ Diag(g) Wk]
     eye = torch.eye(r, dtype=q.dtype, device=q.device)
-    M = eye * L[..., -1:, None].exp() - G[..., 1:]  # (nC,B,N,r,r,r)
+    M = eye * L[..., -1:, None].exp() - G[..., 1:]  # (nC,B,N,dv,r,r)
 
-    R = B * N * r
+    R = B * N * dv
     M = M.reshape(nC, R, r, r)
     h = G[..., :1].reshape(nC, R, r, 1)
     s = s.reshape(R, r, 1)
@@ -141,5 +142,5 @@ def delta_rule_chunked(
         s = torch.baddbmm(h[c], M[c], s)
     S0 = torch.stack(starts).reshape(nC * R, r, 1)
     out = torch.baddbmm(PX[..., :1].reshape(nC * R, C, 1), Qeff.reshape(nC * R, C, r), S0)
-    out = out.reshape(nC, B, N, r, C).permute(1, 0, 4, 2, 3).reshape(B, nC * C, N, r)
-    return out[:, :T], s.reshape(B, N, r, r)
+    out = out.reshape(nC, B, N, dv, C).permute(1, 0, 4, 2, 3).reshape(B, nC * C, N, dv)
+    return out[:, :T], s.reshape(B, N, dv, r)

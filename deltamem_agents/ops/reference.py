@@ -34,25 +34,34 @@ def check_inputs(
 ) -> tuple[int, int, int, int]:
     """Cheap shape/dtype checks shared by the three implementations; returns ``(B, T, N, r)``.
 
+    ``v``, ``beta`` and ``decay`` may have a value width ``dv`` other than the key width ``r`` (the state is then
+    ``(B, N, dv, r)``: the wide-value option); the paper's state is square.
+
     Raises:
         ValueError: on any shape or dtype mismatch.
     """
     if q.dim() != 4:
         raise ValueError(f"q must have shape (B, T, N, r), got {tuple(q.shape)}")
     shape = q.shape
+    B, T, N, r = shape
+    if k.shape != shape:
+        raise ValueError(f"k must have the shape of q {tuple(shape)}, got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != shape[:3]:
+        raise ValueError(f"v must have shape (B, T, N, dv) with (B, T, N) = {tuple(shape[:3])}, got {tuple(v.shape)}")
+    dv = v.shape[3]
     named = [("k", k), ("v", v), ("beta", beta)] + ([("decay", decay)] if decay is not None else [])
+    for name, x in named[2:]:
+        if x.shape != v.shape:
+            raise ValueError(f"{name} must have the shape of v {tuple(v.shape)}, got {tuple(x.shape)}")
     for name, x in named:
-        if x.shape != shape:
-            raise ValueError(f"{name} must have the shape of q {tuple(shape)}, got {tuple(x.shape)}")
         if x.dtype != q.dtype:
             raise ValueError(f"{name} must have the dtype of q ({q.dtype}), got {x.dtype}")
     if not q.is_floating_point():
         raise ValueError(f"q, k, v, beta must be floating point, got {q.dtype}")
-    B, T, N, r = shape
     if initial_state is not None:
-        if initial_state.shape != (B, N, r, r):
+        if initial_state.shape != (B, N, dv, r):
             raise ValueError(
-                f"initial_state must have shape (B, N, r, r) = {(B, N, r, r)}, got {tuple(initial_state.shape)}"
+                f"initial_state must have shape (B, N, dv, r) = {(B, N, dv, r)}, got {tuple(initial_state.shape)}"
             )
         if initial_state.dtype != q.dtype:
             raise ValueError(f"initial_state must have the dtype of q ({q.dtype}), got {initial_state.dtype}")
@@ -77,9 +86,9 @@ def delta_rule_reference(
 
     Args:
         q, k: ``(B, T, N, r)`` read query / write key (L2-normalised by the caller).
-        v: ``(B, T, N, r)`` value written.
-        beta: ``(B, T, N, r)`` per-row write strength in ``[0, 1]``; the decay is ``1 − beta``.
-        initial_state: ``(B, N, r, r)`` state before position 0, or None for zeros.
+        v: ``(B, T, N, dv)`` value written (``dv = r`` in the paper).
+        beta: ``(B, T, N, dv)`` per-row write strength in ``[0, 1]``; the decay is ``1 − beta``.
+        initial_state: ``(B, N, dv, r)`` state before position 0, or None for zeros.
         mask: ``(B, T)`` bool, False = padding (no write and no decay; its read is still computed), or None.
         decay: ``(B, T, N, r)`` per-row retention ``λ_t`` in ``[0, 1]``, or None for the coupled ``1 − beta``.
 
@@ -88,7 +97,7 @@ def delta_rule_reference(
         ``final_state (B, N, r, r)``. Both in the dtype of the inputs.
     """
     B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask, decay)
-    S = q.new_zeros(B, N, r, r) if initial_state is None else initial_state
+    S = q.new_zeros(B, N, v.shape[-1], r) if initial_state is None else initial_state
     outs = []
     for t in range(T):
         q_t, k_t, v_t, b_t = q[:, t], k[:, t], v[:, t], beta[:, t]  # (B, N, r)
@@ -100,5 +109,5 @@ def delta_rule_reference(
         Sk = torch.einsum("bnij,bnj->bni", S, k_t)
         write = (b_t * (v_t - Sk))[..., :, None] * k_t[..., None, :]  # Diag(β_t)(v_t − S k_t) k_tᵀ
         S = l_t[..., :, None] * S + write  # Diag(λ_t) scales row i of S
-    out = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, N, r)
+    out = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, N, v.shape[-1])
     return out, S

@@ -51,7 +51,7 @@ def delta_rule_step(
     B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask, decay)
     if T != 1:
         raise ValueError(f"delta_rule_step takes one position (T == 1), got T = {T}")
-    S = q.new_zeros(B, N, r, r) if initial_state is None else initial_state
+    S = q.new_zeros(B, N, v.shape[-1], r) if initial_state is None else initial_state
     S1 = S.unsqueeze(1)  # (B, 1, N, r, r): same batch dims as q, k, v, beta
     Sq, Sk = (S1 @ torch.stack((q, k), dim=-1)).unbind(-1)  # (B, 1, N, r) each
     X = (v - Sk).unsqueeze(-1) * k.unsqueeze(-2) - S1  # (v − S k) kᵀ − S

@@ -50,11 +50,12 @@ class WriteGateRecorder:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, layer: nn.Module):
-        width = layer.config.state_width
+        gate_rows = layer.in_proj.shape[0] - layer.beta_bias.shape[0]  # the gate block is the last one
+        width = layer.beta_bias.shape[0]
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             x = args[0]
-            beta = torch.sigmoid(F.linear(x, layer.in_proj[3 * width :]).float() + layer.beta_bias.float())
+            beta = torch.sigmoid(F.linear(x, layer.in_proj[gate_rows:]).float() + layer.beta_bias.float())
             if self.mask is None:
                 self.means.append(beta.mean())
             else:

@@ -235,7 +235,7 @@ class LadderRun:
         self.pad_id = int(pad if pad is not None else 0)
         gates, rest = [], []
         for name, p in dm.delta_layers.named_parameters():
-            (gates if name.rsplit(".", 1)[-1] in ("beta_bias", "lambda_bias", "lambda_proj") else rest).append(p)
+            (gates if name.rsplit(".", 1)[-1] in ("beta_bias", "lambda_bias", "lambda_proj", "wide_gain") else rest).append(p)
         self.params = gates + rest
         # Gates at their own, higher lr and without weight decay: with a shared small lr they barely move.
         self.optimizer = torch.optim.AdamW([{"params": rest, "lr": config.lr, "weight_decay": config.weight_decay},
@@ -246,6 +246,7 @@ class LadderRun:
         self.level = 0
         self.questions_seen = 0
         self.train_seconds = 0.0
+        self._zero_cache: dict[int, tuple[int, float]] = {}
 
     # -- encoding -------------------------------------------------------------------------------------------
     def _messages_ids(self, ex: MemoryExample) -> list[list[int]]:
@@ -292,10 +293,15 @@ class LadderRun:
     # -- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, distractors: int) -> dict[str, float]:
-        """Held-out diagnostics at ``distractors`` (see the module docstring)."""
+        """Held-out diagnostics at ``distractors`` (see the module docstring).
+
+        The 4-way choice is scored with the real state and with a zero state (the base model, which does not
+        change during training and is computed once per distractor count); the gold answer's loss also with a
+        corrupted state (another context's), which tells content from a generic shift."""
         c = self.config
         exs = self._examples(10_000_000, c.eval_n, "heldout", distractors)
-        correct = {"state": 0, "zero": 0, "corrupt": 0}
+        zero_cached = self._zero_cache.get(distractors)
+        correct = {"state": 0, "zero": 0}
         loss = {"state": 0.0, "zero": 0.0, "corrupt": 0.0}
         n_tok = 0
         beta_fact, beta_other, log_keep = [], [], []
@@ -305,31 +311,41 @@ class LadderRun:
             written = write_contexts(self.dm, [self._messages_ids(e) for e in part], self.pad_id)
             self._gate_stats(part, written, beta_fact, beta_other, log_keep)
             B = len(part)
-            zero = self.dm.new_state(B)
-            states = {"state": written.state, "zero": zero,
-                      "corrupt": written.state.select([(i + 1) % B for i in range(B)])}
-            rows, owners = [], []
+            rows, owners, gold_rows = [], [], []
             for i, e in enumerate(part):
+                gold_rows.append(len(rows) + e.choices.index(e.answers[0]))
                 for choice in e.choices:
                     rows.append(encode_prompt_answer(self.tokenizer, self._prompt(e.question), choice))
                     owners.append(i)
-            for name, st in states.items():
-                logits, labels = read_logits(self.dm, st, owners, rows, self.pad_id)
+            scored = [("state", written.state, rows, owners)]
+            if zero_cached is None:
+                scored.append(("zero", self.dm.new_state(B), rows, owners))
+            corrupt_rows = [rows[g] for g in gold_rows]
+            scored.append(("corrupt", written.state, corrupt_rows, [(i + 1) % B for i in range(B)]))
+            for name, st, rr, own in scored:
+                logits, labels = read_logits(self.dm, st, own, rr, self.pad_id)
                 lp, n = answer_logprobs(logits, labels)
-                lp = lp.view(B, -1)
+                if name == "corrupt":
+                    loss[name] += -float(lp.sum())
+                    continue
+                lp, n = lp.view(B, -1), n.view(B, -1)
                 for i, e in enumerate(part):
                     gold = e.choices.index(e.answers[0])
                     correct[name] += int(int(lp[i].argmax()) == gold)
                     loss[name] += -float(lp[i, gold])
                     if name == "state":
-                        n_tok += int(n.view(B, -1)[i, gold])
+                        n_tok += int(n[i, gold])
         self.dm.reset_state(1)
         N = len(exs)
+        if zero_cached is None:
+            zero_cached = self._zero_cache[distractors] = (correct["zero"], loss["zero"])
+        correct["zero"], loss["zero"] = zero_cached
         out: dict[str, float] = {"distractors": distractors, "n": N}
         for name in correct:
             acc = correct[name] / N
             out[f"acc_{name}"] = acc
             out[f"se_{name}"] = math.sqrt(max(acc * (1 - acc), 1e-12) / N)
+        for name in loss:
             out[f"answer_nll_{name}"] = loss[name] / max(n_tok, 1)
         out["beta_fact"] = float(torch.stack(beta_fact).mean()) if beta_fact else float("nan")
         out["beta_other"] = float(torch.stack(beta_other).mean()) if beta_other else float("nan")

@@ -92,3 +92,37 @@ def test_decay_shape_is_checked():
         delta_rule_reference(q, k, v, beta, s0, mask, decay=decay[:, :4])
     with pytest.raises(ValueError, match="decay"):
         delta_rule_chunked(q, k, v, beta, s0, mask, decay=decay.float())
+
+
+@pytest.mark.parametrize(("B", "T", "N", "r", "dv", "chunk"), [(1, 1, 1, 8, 24, 4), (2, 17, 1, 8, 40, 8),
+                                                               (3, 33, 2, 4, 9, 16), (1, 5, 1, 16, 16, 2)])
+@pytest.mark.parametrize("with_decay", [False, True])
+def test_value_width_other_than_key_width(B, T, N, r, dv, chunk, with_decay):
+    """Wide values: ``v``/``beta``/``decay`` of width ``dv``, state ``(B, N, dv, r)``; all three forms agree."""
+    q, k, _, _, _, _, mask = _inputs(B, T, N, r, seed=dv + T)
+    g = torch.Generator().manual_seed(dv)
+    v = torch.randn(B, T, N, dv, generator=g, dtype=torch.float64)
+    beta = torch.rand(B, T, N, 1, generator=g, dtype=torch.float64).expand(B, T, N, dv)
+    decay = (torch.rand(B, T, N, dv, generator=g, dtype=torch.float64) * 0.5 + 0.5) if with_decay else None
+    s0 = torch.randn(B, N, dv, r, generator=g, dtype=torch.float64) * 0.3
+    ref = delta_rule_reference(q, k, v, beta, s0, mask, decay=decay)
+    out = delta_rule_chunked(q, k, v, beta, s0, mask, chunk_size=chunk, decay=decay)
+    assert ref[0].shape == (B, T, N, dv) and ref[1].shape == (B, N, dv, r)
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    step = delta_rule_step(q[:, :1], k[:, :1], v[:, :1], beta[:, :1], s0, mask[:, :1],
+                           decay=None if decay is None else decay[:, :1])
+    ref1 = delta_rule_reference(q[:, :1], k[:, :1], v[:, :1], beta[:, :1], s0, mask[:, :1],
+                                decay=None if decay is None else decay[:, :1])
+    for a, b in zip(step, ref1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_wide_state_shape_is_checked():
+    q, k, _, _, _, _, _ = _inputs(1, 3, 1, 8, seed=2)
+    v = torch.randn(1, 3, 1, 20, dtype=torch.float64)
+    beta = torch.rand(1, 3, 1, 20, dtype=torch.float64)
+    with pytest.raises(ValueError, match="initial_state"):
+        delta_rule_chunked(q, k, v, beta, torch.zeros(1, 1, 8, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="beta"):
+        delta_rule_reference(q, k, v, beta[..., :8])

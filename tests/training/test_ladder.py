@@ -110,7 +110,7 @@ def test_short_ladder_run_trains_and_logs_diagnostics(embedded, tmp_path):
         dm.detach_adapter()
     recs = [json.loads(x) for x in (tmp_path / "run" / "ladder_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [0, 2]
-    for key in ("acc_state", "acc_zero", "acc_corrupt", "answer_nll_state", "answer_nll_zero", "beta_fact",
+    for key in ("acc_state", "acc_zero", "answer_nll_state", "answer_nll_zero", "answer_nll_corrupt", "beta_fact",
                 "beta_other", "retention_gap"):
         assert key in recs[-1]
     assert recs[-1]["retention_gap"] == 1.0  # the pure delta rule keeps everything
