@@ -119,6 +119,15 @@ def ladder_example(index: int, *, split: str, rung: str, distractors: int, seed:
                          question=ex.question, answers=ex.answers, choices=ex.choices, evidence=ex.evidence, meta=meta)
 
 
+def _swap_value(ex: MemoryExample) -> MemoryExample:
+    """``ex`` with its answer value replaced, in the history, by the first other choice (the counterfactual)."""
+    gold = ex.answers[0]
+    other = next(c for c in ex.choices if c != gold)
+    history = [{**m, "content": m["content"].replace(gold, other)} for m in ex.history]
+    return MemoryExample(id=ex.id + "-swap", task=ex.task, history=history, question=ex.question, answers=[other],
+                         choices=ex.choices, evidence=ex.evidence, meta=ex.meta)
+
+
 # -- the fast write pass ------------------------------------------------------------------------------------------
 @dataclass
 class WrittenContexts:
@@ -296,19 +305,22 @@ class LadderRun:
         """Held-out diagnostics at ``distractors`` (see the module docstring).
 
         The 4-way choice is scored with the real state and with a zero state (the base model, which does not
-        change during training and is computed once per distractor count); the gold answer's loss also with a
-        corrupted state (another context's), which tells content from a generic shift."""
+        change during training and is computed once per distractor count). The gold answer's loss also with a
+        corrupted state (another context's: mostly another slot, so real < corrupt can be the slot's answer
+        format alone) and with a **swapped** one (the same dialogue with another choice's value written: only the
+        value differs, so real < swap is value-specific content)."""
         c = self.config
         exs = self._examples(10_000_000, c.eval_n, "heldout", distractors)
         zero_cached = self._zero_cache.get(distractors)
         correct = {"state": 0, "zero": 0}
-        loss = {"state": 0.0, "zero": 0.0, "corrupt": 0.0}
+        loss = {"state": 0.0, "zero": 0.0, "corrupt": 0.0, "swap": 0.0}
         n_tok = 0
         beta_fact, beta_other, log_keep = [], [], []
         chunk = 25
         for s in range(0, len(exs), chunk):
             part = exs[s : s + chunk]
             written = write_contexts(self.dm, [self._messages_ids(e) for e in part], self.pad_id)
+            swapped = write_contexts(self.dm, [self._messages_ids(_swap_value(e)) for e in part], self.pad_id)
             self._gate_stats(part, written, beta_fact, beta_other, log_keep)
             B = len(part)
             rows, owners, gold_rows = [], [], []
@@ -322,10 +334,11 @@ class LadderRun:
                 scored.append(("zero", self.dm.new_state(B), rows, owners))
             corrupt_rows = [rows[g] for g in gold_rows]
             scored.append(("corrupt", written.state, corrupt_rows, [(i + 1) % B for i in range(B)]))
+            scored.append(("swap", swapped.state, corrupt_rows, list(range(B))))
             for name, st, rr, own in scored:
                 logits, labels = read_logits(self.dm, st, own, rr, self.pad_id)
                 lp, n = answer_logprobs(logits, labels)
-                if name == "corrupt":
+                if name in ("corrupt", "swap"):
                     loss[name] += -float(lp.sum())
                     continue
                 lp, n = lp.view(B, -1), n.view(B, -1)
@@ -360,7 +373,7 @@ class LadderRun:
         after = (written.message_index > fact) & written.mask
         other = written.mask & ~is_fact
         for (layer, _), x in zip(wrapped_q_projs(self.dm), written.hidden, strict=True):
-            _, _, _, beta = layer.split(layer.project(x))  # (B, L, N, r)
+            _, _, _, beta = layer.split(layer.project(x), x)  # (B, L, N, r or d)
             lam = layer.retention(x, beta)
             lam = (1 - beta) if lam is None else lam
             b = beta.mean(dim=(2, 3))
@@ -470,7 +483,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--adapter", default='{"update_rule": "delta"}', help="DeltaMemConfig options as JSON")
+    p.add_argument("--init", metavar="ADAPTER_DIR", default=None,
+                   help="start from this trained adapter (its config replaces --adapter), e.g. the best of a lower rung")
+    p.add_argument("--evaluate", metavar="ADAPTER_DIR", default=None,
+                   help="only evaluate this trained adapter at each --distractors count (JSON lines to --out)")
     a = p.parse_args(argv)
+    if a.evaluate:
+        return _evaluate_only(a)
     config = LadderConfig(
         rung=a.rung, distractors=tuple(int(x) for x in a.distractors.split(",")), steps=a.steps,
         contexts_per_step=a.contexts_per_step, lr=a.lr, gate_lr=a.gate_lr, recon_frac=a.recon_frac,
@@ -481,9 +500,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ..models import load_base_model
 
     model, tok = load_base_model() if a.model == "embedded" else load_base_model(a.model)
-    dm = attach(model, config.adapter_config())
+    if a.init:
+        from ..adapter import load_adapter
+
+        dm = load_adapter(model, a.init)
+        config = LadderConfig(**{**asdict(config), "adapter": dm.config.to_dict()})
+    else:
+        dm = attach(model, config.adapter_config())
     LadderRun(config, dm, tok, a.out).run()
     plot_runs({Path(a.out).name: Path(a.out) / "ladder_log.jsonl"}, Path(a.out) / "ladder_curve.png")
+    return 0
+
+
+def _evaluate_only(a: argparse.Namespace) -> int:
+    from ..adapter import load_adapter
+    from ..models import load_base_model
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model, tok = load_base_model() if a.model == "embedded" else load_base_model(a.model)
+    dm = load_adapter(model, a.evaluate)
+    config = LadderConfig(rung=a.rung, distractors=tuple(int(x) for x in a.distractors.split(",")),
+                          eval_n=a.eval_n, seed=a.seed, adapter=dm.config.to_dict())
+    run = LadderRun(config, dm, tok, a.out)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "evaluation.jsonl").open("a") as f:
+        for d in config.distractors:
+            rec = {"adapter": str(a.evaluate), "rung": a.rung, **run.evaluate(d)}
+            f.write(json.dumps(rec) + "\n")
+            print(json.dumps(rec), flush=True)
     return 0
 
 

@@ -12,6 +12,7 @@ from tiny_models import randomize, tiny_model
 from deltamem_agents import DeltaMemConfig, attach
 from deltamem_agents.training.data.synthetic import value_split
 from deltamem_agents.training.ladder import LadderConfig, LadderRun, ladder_example, plot_runs, write_contexts
+from deltamem_agents.training.ladder import main as ladder_main
 
 
 def _contexts():
@@ -96,10 +97,12 @@ def test_ladder_config_is_validated(kwargs, match):
 
 @pytest.mark.embedded
 @pytest.mark.slow
-def test_short_ladder_run_trains_and_logs_diagnostics(embedded, tmp_path):
+@pytest.mark.parametrize("wide", [False, True])
+def test_short_ladder_run_trains_and_logs_diagnostics(embedded, tmp_path, wide):
     model, tok = embedded
+    extra = {"wide_value": True, "branches": ["o"], "wide_gain_init": 0.1} if wide else {}
     config = LadderConfig(steps=2, contexts_per_step=3, eval_every=2, eval_n=4, recon_frac=0.5,
-                          adapter={"update_rule": "delta", "target_layers": "last_quarter"})
+                          adapter={"update_rule": "delta", "target_layers": "last_quarter", **extra})
     dm = attach(model, config.adapter_config())
     before = {k: v.clone() for k, v in dm.adapter_state_dict().items()}
     try:
@@ -110,10 +113,16 @@ def test_short_ladder_run_trains_and_logs_diagnostics(embedded, tmp_path):
         dm.detach_adapter()
     recs = [json.loads(x) for x in (tmp_path / "run" / "ladder_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [0, 2]
-    for key in ("acc_state", "acc_zero", "answer_nll_state", "answer_nll_zero", "answer_nll_corrupt", "beta_fact",
+    for key in ("acc_state", "acc_zero", "answer_nll_state", "answer_nll_zero", "answer_nll_corrupt", "answer_nll_swap", "beta_fact",
                 "beta_other", "retention_gap"):
         assert key in recs[-1]
     assert recs[-1]["retention_gap"] == 1.0  # the pure delta rule keeps everything
     assert (out / "adapter_model.safetensors").is_file() and (tmp_path / "run" / "best").is_dir()
     plot_runs({"run": tmp_path / "run" / "ladder_log.jsonl"}, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+    # evaluate-only mode: the saved adapter, at two distractor counts
+    assert ladder_main(["--evaluate", str(out), "--eval-n", "4", "--distractors", "0,1", "--rung", "L1",
+                        "--out", str(tmp_path / "eval")]) == 0
+    evals = [json.loads(x) for x in (tmp_path / "eval" / "evaluation.jsonl").read_text().splitlines()]
+    assert [e["distractors"] for e in evals] == [0, 1] and all(e["n"] == 4 for e in evals)
