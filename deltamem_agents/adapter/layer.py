@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import cpu_fused, delta_rule_chunked, delta_rule_step
+from ..ops.shared_gate import delta_rule_chunked_shared_gate
 from .config import DeltaMemConfig
 from .segments import SegmentPlan
 
@@ -155,6 +156,11 @@ class DeltaMemLayer(nn.Module):
             return cpu_fused.delta_rule_fused_cpu(p, self.beta_bias, memory, mask, self.num_states, self.rank)
         q, k, v, beta = self.split(p, x)
         decay = self.retention(x, beta)
+        if self.wide and x.shape[1] > 1:  # one gate per sub-state: the shared-gate chunked form (tested equal)
+            out, memory = delta_rule_chunked_shared_gate(
+                q, k, v, beta[..., 0], memory, mask, chunk_size=self.config.chunk_size,
+                decay=None if decay is None else decay[..., 0])
+            return out.sum(2), memory
         if x.shape[1] == 1:
             out, memory = delta_rule_step(q, k, v, beta, memory, mask, decay=decay)
         else:

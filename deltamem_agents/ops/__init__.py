@@ -9,11 +9,13 @@ from . import cpu_fused
 from .chunked import delta_rule_chunked
 from .cpu_fused import delta_rule_fused_cpu, delta_rule_numba
 from .reference import delta_rule_reference
+from .shared_gate import delta_rule_chunked_shared_gate
 from .step import delta_rule_step
 
 __all__ = [
     "cpu_fused",
     "delta_rule_chunked",
+    "delta_rule_chunked_shared_gate",
     "delta_rule_fused_cpu",
     "delta_rule_numba",
     "delta_rule_reference",

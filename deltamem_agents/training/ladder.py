@@ -365,6 +365,35 @@ class LadderRun:
         out["retention_gap"] = float(torch.stack(log_keep).mean().exp()) if log_keep else float("nan")
         return out
 
+    @torch.no_grad()
+    def general_ability(self) -> dict[str, float]:
+        """Perplexity of reference answers to short general questions (``probe.GENERAL_QA``, no history): the
+        plain model, a fresh state (exactly the plain model by construction), and a state into which an unrelated
+        ~1,000-token conversation was written message by message as the windowed engine writes it."""
+        from .probe import GENERAL_QA, _long_conversation
+
+        rows = [encode_prompt_answer(self.tokenizer, self._prompt(q), a) for q, a in GENERAL_QA]
+        conv = MemoryExample(id="general", task="general", history=_long_conversation(), question="", answers=[""])
+        ids = self._messages_ids(conv)
+        written = write_contexts(self.dm, [ids], self.pad_id)
+
+        def ppl(state: DeltaMemState | None) -> float:
+            if state is None:
+                with self.dm.memory_disabled():
+                    logits, labels = read_logits(self.dm, self.dm.new_state(len(rows)), range(len(rows)), rows,
+                                                 self.pad_id)
+            else:
+                logits, labels = read_logits(self.dm, state, [0] * len(rows), rows, self.pad_id)
+            lp, n = answer_logprobs(logits, labels)
+            return math.exp(-float(lp.sum()) / int(n.sum()))
+
+        plain, fresh, after = ppl(None), ppl(self.dm.new_state(1)), ppl(written.state)
+        self.dm.reset_state(1)
+        return {"general_ppl_plain": plain, "general_ppl_fresh": fresh, "general_ppl_after_conversation": after,
+                "conversation_tokens": sum(len(m) for m in ids),
+                "general_change_fresh_pct": 100 * (fresh / plain - 1),
+                "general_change_after_pct": 100 * (after / plain - 1)}
+
     def _gate_stats(self, exs, written: WrittenContexts, beta_fact, beta_other, log_keep) -> None:
         """β on the fact message vs the rest; Π λ (geometric mean over rows, layers) over tokens after the fact."""
         system = 1 if self.config.system_prompt else 0
@@ -530,6 +559,9 @@ def _evaluate_only(a: argparse.Namespace) -> int:
             rec = {"adapter": str(a.evaluate), "rung": a.rung, **run.evaluate(d)}
             f.write(json.dumps(rec) + "\n")
             print(json.dumps(rec), flush=True)
+        rec = {"adapter": str(a.evaluate), **run.general_ability()}
+        f.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
     return 0
 
 

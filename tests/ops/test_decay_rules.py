@@ -126,3 +126,52 @@ def test_wide_state_shape_is_checked():
         delta_rule_chunked(q, k, v, beta, torch.zeros(1, 1, 8, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match="beta"):
         delta_rule_reference(q, k, v, beta[..., :8])
+
+
+@pytest.mark.parametrize(("B", "T", "N", "r", "dv", "chunk"), [(1, 1, 1, 8, 24, 4), (2, 17, 1, 8, 40, 8),
+                                                               (3, 33, 2, 4, 9, 16), (2, 64, 1, 16, 30, 64),
+                                                               (1, 23, 1, 8, 8, 5)])
+@pytest.mark.parametrize("rule", ["coupled", "decoupled", "delta"])
+def test_shared_gate_form_matches_reference(B, T, N, r, dv, chunk, rule):
+    from deltamem_agents.ops.shared_gate import delta_rule_chunked_shared_gate
+
+    q, k, _, _, _, _, mask = _inputs(B, T, N, r, seed=dv * 3 + T)
+    g = torch.Generator().manual_seed(dv + 1)
+    v = torch.randn(B, T, N, dv, generator=g, dtype=torch.float64)
+    beta = torch.rand(B, T, N, generator=g, dtype=torch.float64)
+    decay = {"coupled": None, "delta": torch.ones(B, T, N, dtype=torch.float64),
+             "decoupled": torch.rand(B, T, N, generator=g, dtype=torch.float64) * 0.5 + 0.5}[rule]
+    s0 = torch.randn(B, N, dv, r, generator=g, dtype=torch.float64) * 0.3
+    def expand(x):
+        return (None if x is None else x[..., None].expand(B, T, N, dv))
+    ref = delta_rule_reference(q, k, v, expand(beta), s0, mask, decay=expand(decay))
+    got = delta_rule_chunked_shared_gate(q, k, v, beta, s0, mask, chunk_size=chunk, decay=decay)
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_shared_gate_gradients_match_reference():
+    from deltamem_agents.ops.shared_gate import delta_rule_chunked_shared_gate
+
+    B, T, N, r, dv = 2, 13, 1, 4, 6
+    q, k, _, _, _, _, mask = _inputs(B, T, N, r, seed=4)
+    g = torch.Generator().manual_seed(9)
+    v = torch.randn(B, T, N, dv, generator=g, dtype=torch.float64)
+    beta = torch.rand(B, T, N, generator=g, dtype=torch.float64)
+    decay = torch.rand(B, T, N, generator=g, dtype=torch.float64) * 0.5 + 0.5
+    s0 = torch.randn(B, N, dv, r, generator=g, dtype=torch.float64)
+    w = torch.randn(B, T, N, dv, generator=g, dtype=torch.float64)
+
+    def grads(shared):
+        xs = [x.detach().clone().requires_grad_(True) for x in (q, k, v, beta, decay, s0)]
+        if shared:
+            out, s = delta_rule_chunked_shared_gate(xs[0], xs[1], xs[2], xs[3], xs[5], mask, chunk_size=4, decay=xs[4])
+        else:
+            def e(x):
+                return (x[..., None].expand(B, T, N, dv))
+            out, s = delta_rule_reference(xs[0], xs[1], xs[2], e(xs[3]), xs[5], mask, decay=e(xs[4]))
+        ((out * w).sum() + s.square().sum()).backward()
+        return [x.grad for x in xs]
+
+    for a, b in zip(grads(True), grads(False), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)

@@ -125,4 +125,7 @@ def test_short_ladder_run_trains_and_logs_diagnostics(embedded, tmp_path, wide):
     assert ladder_main(["--evaluate", str(out), "--eval-n", "4", "--distractors", "0,1", "--rung", "L1",
                         "--out", str(tmp_path / "eval")]) == 0
     evals = [json.loads(x) for x in (tmp_path / "eval" / "evaluation.jsonl").read_text().splitlines()]
-    assert [e["distractors"] for e in evals] == [0, 1] and all(e["n"] == 4 for e in evals)
+    assert [e["distractors"] for e in evals[:2]] == [0, 1] and all(e["n"] == 4 for e in evals[:2])
+    general = evals[2]
+    assert general["general_ppl_fresh"] == pytest.approx(general["general_ppl_plain"], rel=1e-6)
+    assert general["conversation_tokens"] > 500
