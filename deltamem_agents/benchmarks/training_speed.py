@@ -26,7 +26,10 @@ from typing import Any
 import torch
 
 
-def run(rounds: int = 3, steps: int = 2, threads: int | None = 1, ladder_adapter: dict | None = None) -> dict[str, Any]:
+def run(rounds: int = 3, steps: int = 2, threads: int | None = 1, ladder_adapter: dict | None = None,
+        contexts_per_step: int = 16) -> dict[str, Any]:
+    """Median training questions/s of both trainers (see the module docstring); ``contexts_per_step`` is the
+    ladder's batch (the recipe keeps its own 4 contexts × 4 questions)."""
     from ..adapter import attach
     from ..models import load_base_model
     from ..training.ladder import LadderConfig, LadderRun
@@ -37,7 +40,7 @@ def run(rounds: int = 3, steps: int = 2, threads: int | None = 1, ladder_adapter
         torch.set_num_threads(threads)
     model, tok = load_base_model()
     recipe = get_recipe("smollm2-tsw", steps=1000)
-    lcfg = LadderConfig(rung="L2", steps=1000, contexts_per_step=16,
+    lcfg = LadderConfig(rung="L2", steps=1000, contexts_per_step=contexts_per_step,
                         adapter=ladder_adapter or {"update_rule": "delta", "target_layers": "last_quarter",
                                                    "rank": 16, "alpha": 32})
     tmp = Path(tempfile.mkdtemp(prefix="deltamem-train-speed-"))

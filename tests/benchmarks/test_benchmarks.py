@@ -28,3 +28,15 @@ def test_summary_ratios_and_flatness():
     assert flatness(rows) == pytest.approx(1.05)
     table = format_table(rows)
     assert "| 4000 | 900 | 1.05 | 11.0 | 4000 | 8.00 | 200.0 | 7.62 |" in table
+
+
+@pytest.mark.embedded
+@pytest.mark.slow
+def test_training_speed_harness_times_both_trainers(embedded):
+    from deltamem_agents.benchmarks.training_speed import run
+
+    res = run(rounds=1, steps=1, threads=1, contexts_per_step=2)
+    q = res["questions_per_s"]
+    assert q["recipe"] > 0 and q["ladder"] > 0
+    assert res["ratio_ladder_over_recipe"] == pytest.approx(q["ladder"] / q["recipe"])
+    assert len(res["per_round"]["recipe"]) == len(res["per_round"]["ladder"]) == 1
