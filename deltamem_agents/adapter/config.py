@@ -9,7 +9,9 @@ from typing import Any
 
 WRITE_MODES = ("tsw", "ssw", "msw")
 BRANCHES = ("q", "o")
-INITS = ("zero", "base_slice")
+#: ``ov_svd`` (beyond the paper): ``W_v^m`` and ``W_o^Δ`` start as the top ``N·r`` singular directions of the
+#: layer's own value→output map ``o_proj ∘ repeat_kv ∘ v_proj``, so a read decodes like attention to the stored tokens.
+INITS = ("zero", "base_slice", "ov_svd")
 #: ``coupled``: λ = 1 − β (the paper). Extensions beyond the paper: ``decoupled`` (λ from its own projection,
 #: bias ``lambda_bias_init``) and ``delta`` (λ = 1: nothing decays, only the delta rule's erase overwrites).
 UPDATE_RULES = ("coupled", "decoupled", "delta")
@@ -38,7 +40,9 @@ class DeltaMemConfig:
         branches: which attention branches receive the read-back correction, a subset of ``("q", "o")``.
         init: initialisation of the correction matrices ``W_q^Δ``/``W_o^Δ``: ``"zero"`` or ``"base_slice"``
             (first ``N·r`` input columns of the frozen projection, columns L2-normalised, times
-            ``base_slice_scale``; gives the memory projections gradient from the first step).
+            ``base_slice_scale``; gives the memory projections gradient from the first step), or ``"ov_svd"``
+            (beyond the paper: ``W_v^m``/``W_o^Δ`` from the SVD of the layer's frozen ``o_proj ∘ v_proj``, the
+            rank-``N·r`` version of ``wide_value``'s decode; ``W_q^Δ`` zero).
         base_slice_scale: scale of the ``base_slice`` initialisation.
         beta_bias_init: initial value of the write-gate bias ``b_β`` (−1.5 gives β ≈ 0.18).
         chunk_size: chunk length of the chunked scan used for prompts (prefill and training).

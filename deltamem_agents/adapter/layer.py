@@ -65,8 +65,10 @@ class DeltaMemLayer(nn.Module):
         self.lambda_bias = nn.Parameter(torch.empty(gates)) if decoupled else None
 
     @torch.no_grad()
-    def reset_parameters(self, q_weight: Tensor | None = None, o_weight: Tensor | None = None) -> None:
-        """Initialise as the brief says: W^m Kaiming-uniform, W_β = 0, b_β = beta_bias_init, W^Δ zero or base slice."""
+    def reset_parameters(self, q_weight: Tensor | None = None, o_weight: Tensor | None = None,
+                         v_weight: Tensor | None = None, head_dim: int | None = None) -> None:
+        """Initialise as the brief says: W^m Kaiming-uniform, W_β = 0, b_β = beta_bias_init, W^Δ zero or base slice
+        (or, with ``init="ov_svd"``, ``W_v^m``/``W_o^Δ`` from the frozen ``v_weight``/``o_weight``)."""
         width = self.config.state_width
         projections = 2 if self.wide else 3  # q, k (and v unless the value is the hidden state itself)
         for block in self.in_proj[: projections * width].split(width, dim=0):
@@ -80,6 +82,9 @@ class DeltaMemLayer(nn.Module):
         if self.lambda_proj is not None:  # λ starts input-independent at σ(lambda_bias_init)
             self.lambda_proj.zero_()
             self.lambda_bias.fill_(self.config.lambda_bias_init)
+        if self.config.init == "ov_svd" and not self.wide:
+            self._init_ov_svd(o_weight, v_weight, head_dim)
+            return
         for delta, base in ((self.delta_q, q_weight), (self.delta_o, o_weight)):
             if delta is None:
                 continue
@@ -90,6 +95,25 @@ class DeltaMemLayer(nn.Module):
                 raise ValueError(f"base_slice init needs {width} input columns, the projection has {base.shape[1]}")
             cols = base[:, :width].to(delta.dtype)
             delta.copy_(F.normalize(cols, dim=0) * self.config.base_slice_scale)
+
+    def _init_ov_svd(self, o_weight: Tensor | None, v_weight: Tensor | None, head_dim: int | None) -> None:
+        """``scale · W_o^Δ W_v^m`` = the best rank-``N·r`` approximation of ``OV = o_proj ∘ repeat_kv ∘ v_proj``
+        (biases left out), split as ``U√Σ`` / ``√Σ Vᵀ``; ``W_q^Δ = 0``."""
+        if o_weight is None or v_weight is None or not head_dim:
+            raise ValueError("init 'ov_svd' needs the layer's o_proj and v_proj weights and its head_dim")
+        width = self.config.state_width
+        w_v = v_weight.detach().float()
+        kv = w_v.shape[0] // head_dim
+        repeat = o_weight.shape[1] // w_v.shape[0]
+        w_v = w_v.view(kv, 1, head_dim, -1).expand(kv, repeat, head_dim, w_v.shape[1]).reshape(-1, w_v.shape[1])
+        ov = o_weight.detach().float() @ w_v  # (o_out, d)
+        U, S, Vh = torch.linalg.svd(ov, full_matrices=False)
+        root = S[:width].sqrt()
+        self.in_proj[2 * width : 3 * width].copy_((root[:, None] * Vh[:width]).to(self.in_proj.dtype))
+        if self.delta_o is not None:
+            self.delta_o.copy_((U[:, :width] * root / self.scale).to(self.delta_o.dtype))
+        if self.delta_q is not None:
+            self.delta_q.zero_()
 
     # -- projections --------------------------------------------------------------------------------------------
     def project(self, x: Tensor) -> Tensor:

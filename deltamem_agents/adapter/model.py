@@ -67,12 +67,15 @@ class DeltaMemModel(nn.Module):
             o_proj: nn.Linear = getattr(attn, spec.o_proj)
             layer = DeltaMemLayer(q_proj.in_features, q_proj.out_features, o_proj.out_features, config)
             layer.to(device=q_proj.weight.device, dtype=q_proj.weight.dtype)
-            layer.reset_parameters(q_proj.weight, o_proj.weight)
+            v_proj = getattr(attn, spec.v_proj, None)
+            head_dim = getattr(attn, "head_dim", None)  # HF attention modules carry it (only wide/ov_svd use it)
+            layer.reset_parameters(q_proj.weight, o_proj.weight, None if v_proj is None else v_proj.weight,
+                                   None if head_dim is None else int(head_dim))
             self.delta_layers[str(idx)] = layer
             self._targets.append((slot, layer, q_proj, o_proj))
             if config.wide_value:  # the frozen projections that decode a wide read (references, not copies)
-                v_proj: nn.Linear = getattr(attn, spec.v_proj)
-                head_dim = getattr(attn, "head_dim", None) or q_proj.out_features // model.config.num_attention_heads
+                if v_proj is None or head_dim is None:
+                    raise ValueError(f"wide_value needs {spec.v_proj!r} and head_dim on the attention of layer {idx}")
                 self._wide.append((v_proj.weight, o_proj.weight, int(head_dim)))
         self._install_hooks()
 

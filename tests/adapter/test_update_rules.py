@@ -127,3 +127,31 @@ def test_bad_options_are_refused(kwargs, match):
 def test_out_of_range_layers_are_refused_at_attach():
     with pytest.raises(ValueError, match="out of range"):
         attach(tiny_model("llama"), DeltaMemConfig(target_layers=(0, 5)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_ov_svd_init_is_the_best_low_rank_copy_of_the_value_output_map(arch):
+    """``scale · W_o^Δ W_v^m`` equals the rank-r truncated SVD of o_proj ∘ repeat_kv ∘ v_proj, and a zero state
+    is still exactly the base model."""
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    model = tiny_model(arch)
+    x = ids(1, 9)
+    with torch.no_grad():
+        base = model(x).logits
+    dm = attach(model, DeltaMemConfig(init="ov_svd", rank=4, alpha=8))
+    attn = model.model.layers[0].self_attn
+    kv = model.config.num_key_value_heads
+    w_v = attn.v_proj.weight.view(kv, attn.head_dim, -1).unsqueeze(0)  # (1, kv, hd, d) as (B, heads, T, ·)
+    full_v = repeat_kv(w_v, model.config.num_attention_heads // kv).reshape(-1, w_v.shape[-1])
+    ov = attn.o_proj.weight @ full_v
+    U, S, Vh = torch.linalg.svd(ov)
+    best = (U[:, :4] * S[:4]) @ Vh[:4]
+    layer = dm.delta_layers["0"]
+    got = layer.scale * layer.delta_o @ layer.in_proj[8:12]
+    torch.testing.assert_close(got, best, atol=1e-5, rtol=1e-4)
+    assert torch.equal(layer.delta_q, torch.zeros_like(layer.delta_q))
+    with torch.no_grad():
+        dm.reset_state(1)
+        with dm.writes_disabled():
+            assert torch.equal(dm(x).logits, base)
