@@ -46,7 +46,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--context-tokens", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--bm25-k", type=int, default=None, help="at most k retrieved messages (default: fill W)")
     p.add_argument("--choice-score", choices=("mean", "sum"), default="mean")
-    p.add_argument("--write-chunk-tokens", type=int, default=2048, help="tokens per δ-mem write call")
+    p.add_argument("--write-chunk-tokens", type=int, default=2048, help="tokens per δ-mem write call (0: one call per message, as the windowed engine writes)")
     p.add_argument("--split", default=None, help="split for the training-data tasks (synthetic: heldout)")
     p.add_argument("--subtask", type=int, default=None, help="bAbI task number for 'babi'")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")

@@ -163,11 +163,25 @@ class LanguageModel:
         every message carries its own segment id and is written once even when split across calls; the last
         message is closed by one extra token with a new id (that token stays pending and is never written, as
         later calls only read).
+
+        ``chunk_tokens = 0``: one call per message, each from position 0 — exactly how the windowed engine writes
+        (and how the ladder trainer's write pass does).
         """
         if self.memory is None:
             raise ValueError("write_history needs a δ-mem adapter")
-        if chunk_tokens < 1:
-            raise ValueError("chunk_tokens must be >= 1")
+        if chunk_tokens < 0:
+            raise ValueError("chunk_tokens must be >= 0 (0: one call per message)")
+        if chunk_tokens == 0:
+            ssw0 = self.memory.config.write_mode == "ssw"
+            self.memory.reset_state(1)
+            for index, ids in enumerate(messages):
+                if ids:
+                    seg = self._tensor([index] * len(ids)) if ssw0 else None
+                    self._forward(self._tensor(list(ids)), None, segment_ids=seg)
+            if ssw0 and messages:
+                closer = [next(iter(self.eos_ids)) if self.eos_ids else 0]
+                self._forward(self._tensor(closer), None, segment_ids=self._tensor([len(messages)]))
+            return self.memory.get_state()
         ssw = self.memory.config.write_mode == "ssw"
         self.memory.reset_state(1)
         batch_ids: list[int] = []

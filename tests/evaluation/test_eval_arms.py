@@ -109,6 +109,19 @@ def test_write_history_writes_each_message_once(tiny_llama, tokenizer):
     assert not lm.write_history(messages[:-1], 10_000).equal(state)
 
 
+def test_write_history_one_call_per_message_is_the_engines_way(tiny_llama, tokenizer):
+    lm = _memory_lm(tiny_llama, tokenizer)
+    messages = [list(range(100 + 10 * i, 103 + 2 * i + 10 * i)) for i in range(4)]  # odd, unequal lengths
+    state = lm.write_history(messages, chunk_tokens=0)
+    lm.memory.reset_state(1)
+    with torch.no_grad():
+        for m in messages:
+            lm.memory(input_ids=torch.tensor([m]))
+    assert state.equal(lm.memory.get_state())
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        lm.write_history(messages, chunk_tokens=-1)
+
+
 def test_write_history_sequence_write_closes_last_message(tiny_llama, tokenizer):
     lm = _memory_lm(tiny_llama, tokenizer, mode="ssw")
     messages = [list(range(100 + 10 * i, 105 + 10 * i)) for i in range(3)]
