@@ -7,6 +7,8 @@ supervised read pass; the recipe reads 4 questions per written context, the ladd
 
 * ``recipe``: :class:`~deltamem_agents.training.trainer.Trainer` with ``smollm2-tsw`` (reads on in the write
   pass, autograd through the base for the whole write pass, all 30 layers);
+* both on level-3 dialogues from the first step (the recipe's curriculum is switched off here; the ladder reads
+  one question per dialogue, the recipe four);
 * ``ladder``: :class:`~deltamem_agents.training.ladder.LadderRun` at rung L2 (the same level-3 dialogues) with
   ``steer_writes=False`` (no-grad write pass) and the adapter on the last quarter of the layers.
 
@@ -39,7 +41,7 @@ def run(rounds: int = 3, steps: int = 2, threads: int | None = 1, ladder_adapter
     if threads:
         torch.set_num_threads(threads)
     model, tok = load_base_model()
-    recipe = get_recipe("smollm2-tsw", steps=1000)
+    recipe = get_recipe("smollm2-tsw", steps=1000, curriculum=())  # level 3 from step 0, like the ladder's L2
     lcfg = LadderConfig(rung="L2", steps=1000, contexts_per_step=contexts_per_step,
                         adapter=ladder_adapter or {"update_rule": "delta", "target_layers": "last_quarter",
                                                    "rank": 16, "alpha": 32})
