@@ -166,17 +166,6 @@ class DeltaMemModel(nn.Module):
             memory = state.memory[slot]
             if memory.device != x.device:
                 memory = memory.to(x.device)
-            if self._writes and not self.config.steer_writes:
-                # write only: the base runs unchanged (steer_writes=False; token_write picks the compiled
-                # kernel itself when nothing needs a gradient)
-                if self._ctx.plan is not None:
-                    _, state.memory[slot], state.pending_sum[slot] = layer.sequence_write(
-                        x, memory, state.pending_sum[slot].to(x.device), self._ctx.plan
-                    )
-                else:
-                    mask = self._ctx.write_mask
-                    _, state.memory[slot] = layer.token_write(x, memory, None if mask is None else mask.to(x.device))
-                return None
             if self._ctx.fast:
                 # inference fast path (decided once per call by the pre-hook): one compiled read+write call and
                 # in-place steering; this runs 30× per decoded token, so every line here is measured
@@ -203,6 +192,8 @@ class DeltaMemModel(nn.Module):
             else:
                 mask = self._ctx.write_mask
                 reads, state.memory[slot] = layer.token_write(x, memory, None if mask is None else mask.to(x.device))
+            if self._writes and not self.config.steer_writes:
+                return None  # write only: the base runs unchanged (the fast path is never on for such adapters)
             reads = reads.to(output.dtype)
             self._ctx.reads[slot] = reads
             return layer.correct(output, reads, layer.delta_q) if layer.delta_q is not None else None
