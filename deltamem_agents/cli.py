@@ -4,7 +4,83 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import textwrap
+from collections.abc import Sequence
+
+#: Environment variable overriding the default of every ``--threads``.
+THREADS_ENV = "DELTAMEM_THREADS"
+_warned_env: set[str] = set()
+
+
+def default_threads() -> int:
+    """The default torch CPU thread count: ``$DELTAMEM_THREADS`` if set (0: torch's own choice), else
+    ``max(1, min(4, cpu_count // 2))``.
+
+    Half the cores, at most four: on shared 2-core machines, many threads ran 5–9x slower than one under load.
+    """
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env:
+        try:
+            value = int(env)
+        except ValueError:
+            value = -1
+        if value >= 0:
+            return value
+        if env not in _warned_env:
+            _warned_env.add(env)
+            print(f"warning: ignoring ${THREADS_ENV}={env!r} (not a non-negative integer)", file=sys.stderr)
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
+
+
+def _thread_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``, the same on every command that runs a model (see :func:`default_threads`)."""
+    parser.add_argument(
+        "--threads", type=_thread_count, default=default_threads(), metavar="N",
+        help=f"torch CPU threads, set before the model loads; 0 leaves torch's own choice (default: %(default)s: "
+        f"${THREADS_ENV} if set, else max(1, min(4, CPUs // 2)), with {os.cpu_count() or 1} CPUs here)",
+    )  # fmt: skip
+
+
+def apply_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` unless ``threads`` is 0 (then torch keeps its own choice)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default (unless its help already speaks of its default, or there is none to show),
+    keeps the description's and the help texts' line breaks, and wraps each line on its own."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or not action.option_strings or default is None or default is False:
+            return text
+        return text if default is argparse.SUPPRESS else text + " (default: %(default)s)"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        paragraphs = text.splitlines()
+        if len(paragraphs) == 1:
+            return super()._split_lines(text, width)
+        # a multi-line help: its lines stay lines; their continuations are indented
+        lines: list[str] = []
+        for line in paragraphs:
+            lines.extend(textwrap.wrap(line, width, subsequent_indent="  ") or [""])
+        return lines
 
 
 def _cmd_model_fetch(args: argparse.Namespace) -> int:
@@ -36,14 +112,13 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_speed(args: argparse.Namespace) -> int:
+    apply_threads(args.threads)
     import torch
 
     from .adapter import DeltaMemConfig
     from .benchmarks.speed import format_table, run_speed_benchmark, write_json
     from .models import load_base_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, _ = load_base_model(args.model)
     config = DeltaMemConfig(write_mode=args.write_mode)
     print(
@@ -67,31 +142,42 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_conversation(args: argparse.Namespace) -> int:
+    apply_threads(args.threads)
     import torch
 
     from .benchmarks import conversation as bench
     from .engine import MemoryEngine
     from .store.memory import InMemorySessionStore
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     engine = MemoryEngine(args.model, adapter=args.adapter, store=InMemorySessionStore(),
-                          window_tokens=args.window_tokens)
-    print(f"model {engine.model_name} | window {args.window_tokens} tokens | {args.new_tokens} new tokens per turn"
-          f" | torch threads {torch.get_num_threads()}", flush=True)
+                          window_tokens=args.window_tokens, kv_tokens=args.kv_tokens)
+    arms = tuple(args.arms.split(","))
+    print(f"model {engine.model_name} | online KV budget {engine.kv_tokens} tokens | window {args.window_tokens} "
+          f"tokens | {args.new_tokens} new tokens per turn | torch threads {torch.get_num_threads()}", flush=True)
+    checkpoints = tuple(args.checkpoints)
     results = bench.run_conversation_benchmark(
-        engine, checkpoints=tuple(args.checkpoints), new_tokens=args.new_tokens, repeats=args.repeats,
-        full_context_max=args.full_context_max,
+        engine, checkpoints=checkpoints, new_tokens=args.new_tokens, repeats=args.repeats,
+        full_context_max=args.full_context_max, arms=arms,
     )
-    rows = bench.summarize(results)
+    rows = bench.summarize(results, checkpoints)
+    resume = (bench.run_resume_benchmark(engine, histories=tuple(args.resume), new_tokens=args.new_tokens)
+              if args.resume else [])
     print()
     print(bench.format_table(rows))
-    print(f"\nwindowed latency, largest ÷ smallest history: {bench.flatness(rows):.3f}")
+    for arm in bench.ARMS:
+        g = bench.growth(rows, arm)
+        if g is not None:
+            print(f"{arm:>17}: latency largest ÷ smallest checkpoint {g:6.2f}, last ÷ first "
+                  f"{bench.last_over_first(rows, arm):6.2f}")
+    for m in resume:
+        print(f"resume at {m.history_tokens} tokens: from disk {m.from_disk_s:.2f} s vs re-prefill "
+              f"{m.re_prefill_s:.2f} s = {m.speedup:.2f}x")
     if args.json:
-        bench.write_json(results, rows, args.json, model=engine.model_name, window_tokens=args.window_tokens)
+        bench.write_json(results, rows, args.json, resume=resume, model=engine.model_name,
+                         window_tokens=args.window_tokens, kv_tokens=engine.kv_tokens, new_tokens=args.new_tokens)
         print(f"wrote {args.json}")
     if args.plot:
-        bench.plot(rows, args.plot)
+        bench.plot(rows, results, args.plot)
         print(f"wrote {args.plot}")
     return 0
 
@@ -112,11 +198,26 @@ def _cmd_bench_store(args: argparse.Namespace) -> int:
     return 0
 
 
-_PLUGIN_MODULES = (
-    "deltamem_agents.engine.cli_commands",
-    "deltamem_agents.training.cli_commands",
-    "deltamem_agents.evaluation.cli_commands",
-)
+#: Subcommands owned by other packages: module -> the commands it registers (each module exposes
+#: ``register(subparsers)``). Only the module owning the command being run is imported (the others may import
+#: torch); a command not listed here, ``--help`` or a typo imports them all.
+_PLUGIN_MODULES = {
+    "deltamem_agents.engine.cli_commands": ("chat", "sessions"),
+    "deltamem_agents.training.cli_commands": ("train",),
+    "deltamem_agents.evaluation.cli_commands": ("eval",),
+}
+_BUILTIN_COMMANDS = ("model", "bench", "db")
+
+
+def _plugins_for(argv: Sequence[str] | None) -> list[str]:
+    """The plugin modules to import for a command line (``None``: all of them)."""
+    if argv is None:
+        return list(_PLUGIN_MODULES)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in _BUILTIN_COMMANDS:
+        return []
+    owners = [m for m, commands in _PLUGIN_MODULES.items() if command in commands]
+    return owners or list(_PLUGIN_MODULES)
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
@@ -127,7 +228,8 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``deltamem`` parser; given the command line ``argv``, only the plugins its command needs are loaded."""
     parser = argparse.ArgumentParser(prog="deltamem", description="δ-mem memory backend for agents")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -145,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--prefill", type=int, nargs="+", default=[128, 512, 2048], help="prompt lengths")
     speed.add_argument("--decode-tokens", type=int, default=64)
     speed.add_argument("--rounds", type=int, default=5)
-    speed.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    add_threads_argument(speed)
     speed.add_argument("--json", default=None, help="also write the results as JSON here")
     speed.set_defaults(func=_cmd_bench_speed)
     conv = bench.add_parser(
@@ -154,11 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--model", default=None, help="HF dir, GGUF file or hub id (default: embedded model)")
     conv.add_argument("--adapter", default=None, help="adapter dir, or 'none' (default: the shipped adapter)")
     conv.add_argument("--checkpoints", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    conv.add_argument("--window-tokens", type=int, default=1024)
+    conv.add_argument("--window-tokens", type=int, default=1024, help="windowed arm: text window")
+    conv.add_argument("--kv-tokens", type=int, default=None,
+                      help="online arm: KV budget (default: the model's context window)")
+    conv.add_argument("--arms", default="online,windowed,full-context", help="comma-separated arms to run")
+    conv.add_argument("--resume", type=int, nargs="*", default=[4096, 8192],
+                      help="history sizes at which to time a restart: saved KV cache vs re-prefill")
     conv.add_argument("--new-tokens", type=int, default=16, help="tokens generated per turn")
     conv.add_argument("--repeats", type=int, default=1)
     conv.add_argument("--full-context-max", type=int, default=None, help="skip full context above this")
-    conv.add_argument("--threads", type=int, default=0)
+    add_threads_argument(conv)
     conv.add_argument("--json", default=None)
     conv.add_argument("--plot", default=None, help="write a PNG plot here")
     conv.set_defaults(func=_cmd_bench_conversation)
@@ -174,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade.set_defaults(func=_cmd_db_upgrade)
 
     # Subcommands owned by other packages register themselves (each module exposes ``register(subparsers)``).
-    for module in _PLUGIN_MODULES:
+    for module in _plugins_for(argv):
         try:
             plugin = importlib.import_module(module)
         except ModuleNotFoundError as exc:  # a part not installed in this tree
@@ -186,7 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     return args.func(args)
 
 

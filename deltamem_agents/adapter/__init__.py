@@ -13,6 +13,7 @@ from .io import (
 )
 from .layer import DeltaMemLayer
 from .model import DeltaMemModel, attach
+from .resolve import fresh_adapter, resolve_adapter
 from .state import DeltaMemState
 
 __all__ = [
@@ -27,9 +28,11 @@ __all__ = [
     "adapter_fingerprint",
     "attach",
     "base_model_fingerprint",
+    "fresh_adapter",
     "import_official_adapter",
     "load_adapter",
     "read_adapter_metadata",
+    "resolve_adapter",
     "resolve_architecture",
     "save_adapter",
 ]

@@ -2,26 +2,44 @@
 
 >>> engine = MemoryEngine()                          # embedded model, shipped adapter, SQLite store
 >>> engine.chat("alice", [{"role": "user", "content": "My name is Alice."}]).text
+
+The public names are imported lazily (on first access), so importing a submodule that needs no model —
+``deltamem_agents.engine.cli_commands`` behind ``deltamem sessions list``, or ``.errors`` — does not pay for
+importing torch and transformers.
 """
 
-from .engine import MODES, MemoryEngine
-from .errors import (
-    ConcurrentUpdateError,
-    ContextLengthError,
-    CorruptStateError,
-    EngineError,
-    FingerprintMismatchError,
-    InvalidMessageError,
-    InvalidStateError,
-    PortableFormatError,
-    SessionExistsError,
-    SessionNotFoundError,
-)
-from .messages import Message, normalize_messages
-from .results import ChatChunk, ChatResult, Usage, WriteResult
-from .sampling import SamplingParams
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: public name -> the submodule defining it
+_EXPORTS = {
+    "DEFAULT_SAMPLING": ".engine",
+    "MODES": ".engine",
+    "MemoryEngine": ".engine",
+    "KVCacheStats": ".kv_pool",
+    "ConcurrentUpdateError": ".errors",
+    "ContextLengthError": ".errors",
+    "CorruptStateError": ".errors",
+    "EngineError": ".errors",
+    "FingerprintMismatchError": ".errors",
+    "InvalidMessageError": ".errors",
+    "InvalidStateError": ".errors",
+    "PortableFormatError": ".errors",
+    "SessionExistsError": ".errors",
+    "SessionNotFoundError": ".errors",
+    "Message": ".messages",
+    "normalize_messages": ".messages",
+    "ChatChunk": ".results",
+    "ChatResult": ".results",
+    "Usage": ".results",
+    "WriteResult": ".results",
+    "SamplingParams": ".sampling",
+}
 
 __all__ = [
+    "DEFAULT_SAMPLING",
     "MODES",
     "ChatChunk",
     "ChatResult",
@@ -32,6 +50,7 @@ __all__ = [
     "FingerprintMismatchError",
     "InvalidMessageError",
     "InvalidStateError",
+    "KVCacheStats",
     "MemoryEngine",
     "Message",
     "PortableFormatError",
@@ -42,3 +61,34 @@ __all__ = [
     "WriteResult",
     "normalize_messages",
 ]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .engine import MODES, MemoryEngine
+    from .errors import (
+        ConcurrentUpdateError,
+        ContextLengthError,
+        CorruptStateError,
+        EngineError,
+        FingerprintMismatchError,
+        InvalidMessageError,
+        InvalidStateError,
+        PortableFormatError,
+        SessionExistsError,
+        SessionNotFoundError,
+    )
+    from .messages import Message, normalize_messages
+    from .results import ChatChunk, ChatResult, Usage, WriteResult
+    from .sampling import SamplingParams
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["register"]
@@ -17,7 +20,8 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF dir, GGUF file or hub id (default: the embedded model)")
-    p.add_argument("--adapter", default=None, help="adapter directory, or 'none' (default: the shipped adapter)")
+    p.add_argument("--adapter", default=None, help="adapter directory, or 'none' (a fresh, untrained adapter) "
+                   "(default: the shipped adapter; a fresh one when none is installed)")
 
 
 def _engine(args: argparse.Namespace, **kwargs: Any):
@@ -33,55 +37,226 @@ def _open_store(args: argparse.Namespace):
 
 
 # ------------------------------------------------------------------------------------------------ chat
-def _cmd_chat(args: argparse.Namespace) -> int:
-    engine = _engine(args, mode=args.mode, window_tokens=args.window_tokens)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, history="append")
+STOPPED_NOTHING_SAVED = "(stopped — nothing of this turn was saved)"
 
-    def turn(text: str) -> None:
-        result = None
-        for chunk in engine.stream(args.session, [{"role": "user", "content": text}], **options):
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-            result = chunk.result or result
-        sys.stdout.write("\n")
-        if args.verbose and result is not None:
-            u = result.usage
-            print(f"[turn {result.turn} | prompt {u.prompt_tokens} | generated {u.completion_tokens} | "
-                  f"written {u.written_tokens} | full context would be {u.full_context_tokens}]", file=sys.stderr)
+MODE_HELP = """what the model sees of earlier turns (default: %(default)s):
+online: the conversation stays in the prompt as far as the context window allows, with its KV cache kept hot between turns; every message is also written into the δ-mem state.
+windowed: only the last --window-tokens of text stay in the prompt; older messages live only in the state.
+state-only: only the current turn is text; everything older lives only in the state.
+With an untrained adapter (--adapter none, or the fresh one used when no trained adapter is installed) the state carries essentially nothing, so only what is in the prompt is remembered."""
 
+
+class _Thinking:
+    """A spinner ("⠋ thinking…") on stderr while the model works before text arrives (model load, prefill).
+
+    Only when stderr is a terminal: nothing is printed otherwise. :meth:`stop` erases it; both are idempotent.
+    """
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+    INTERVAL_S = 0.1
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self._shown = False
+        self._stream: Any = None
+
+    @staticmethod
+    def _is_tty(stream: Any) -> bool:
+        try:
+            return bool(stream.isatty())
+        except (AttributeError, ValueError, OSError):
+            return False
+
+    @property
+    def active(self) -> bool:
+        return self._thread is not None
+
+    def start(self, label: str = "thinking…") -> None:
+        stream = sys.stderr
+        if self._thread is not None or not self._is_tty(stream):
+            return
+        self._stream, self._shown = stream, False
+        self._done.clear()
+        self._thread = threading.Thread(target=self._spin, args=(label,), name="deltamem-thinking", daemon=True)
+        self._thread.start()
+
+    def _spin(self, label: str) -> None:
+        i = 0
+        while not self._done.wait(self.INTERVAL_S):
+            # each frame clears the line first (a library's progress bar may have written on it)
+            self._stream.write(f"\r\x1b[K{self.FRAMES[i % len(self.FRAMES)]} {label}")
+            self._stream.flush()
+            self._shown = True
+            i += 1
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._done.set()
+        self._thread.join()
+        self._thread = None
+        if self._shown:
+            self._stream.write("\r\x1b[K")  # back to the line's start, erase it
+            self._stream.flush()
+            self._shown = False
+
+
+@contextlib.contextmanager
+def _no_progress_bars(active: bool) -> Iterator[None]:
+    """Silence transformers' progress bars (while the spinner runs: a bar's line would be left on screen)."""
+    if not active:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
-        if args.system:
-            engine.write(args.session, [{"role": "system", "content": args.system}], history="append")
-        if args.message is not None:
-            turn(args.message)
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _saved_turn(engine: Any, args: argparse.Namespace) -> int | None:
+    """The session's committed turn (0 when it does not exist yet); ``None`` when the store cannot say."""
+    try:
+        if not engine.store.exists(args.session, namespace=args.namespace):
             return 0
-        interactive = sys.stdin.isatty()
-        if interactive:
-            info = engine.get_session(args.session) if engine.store.exists(args.session, namespace=args.namespace) else None
-            where = f"turn {info.turn}" if info else "new session"
-            print(f"session {args.namespace}/{args.session} ({where}) — /reset forgets, /exit quits", file=sys.stderr)
-        while True:
+        return engine.get_session(args.session, namespace=args.namespace).turn
+    except Exception:  # noqa: BLE001 - only used to word the "stopped" line
+        return None
+
+
+def _close(stream: Any) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        close()  # a stream closed early commits nothing: the session is unchanged
+
+
+def _turn(engine: Any, args: argparse.Namespace, text: str, options: dict[str, Any], thinking: _Thinking) -> bool:
+    """Stream one answer to stdout; ``False`` when Ctrl-C stopped it (then nothing of the turn is saved)."""
+    before = _saved_turn(engine, args)
+    result = None
+    stream = None
+    wrote = False
+    thinking.start()
+    try:
+        stream = engine.stream(args.session, [{"role": "user", "content": text}], **options)
+        for chunk in stream:
+            if chunk.text:
+                thinking.stop()
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+                wrote = True
+            result = chunk.result or result
+    except KeyboardInterrupt:
+        thinking.stop()
+        _close(stream)
+        stream = None
+        if wrote:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        after = _saved_turn(engine, args)
+        if before is not None and after is not None and after != before:
+            # Ctrl-C came after the engine had committed the turn (while it handed over the last chunk).
+            print(f"(stopped — the turn had already been saved, as turn {after})", file=sys.stderr)
+        else:
+            print(STOPPED_NOTHING_SAVED, file=sys.stderr)
+        return False
+    finally:
+        thinking.stop()
+        if stream is not None:
+            _close(stream)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.verbose and result is not None:
+        u = result.usage
+        kv = f" | kv cache {result.kv_cache}, {u.cached_tokens} reused" if result.kv_cache else ""
+        print(f"[turn {result.turn} | prompt {u.prompt_tokens}{kv} | generated {u.completion_tokens} | "
+              f"written {u.written_tokens} | full context would be {u.full_context_tokens}]", file=sys.stderr)
+    return True
+
+
+def _repl(engine: Any, args: argparse.Namespace, options: dict[str, Any], thinking: _Thinking) -> int:
+    interactive = sys.stdin.isatty()
+    if interactive:
+        info = engine.get_session(args.session) if engine.store.exists(args.session, namespace=args.namespace) else None
+        where = f"turn {info.turn}" if info else "new session"
+        print(f"session {args.namespace}/{args.session} ({where}) — /reset forgets, /exit quits; "
+              "Ctrl-C stops an answer, Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
             if interactive:
                 sys.stderr.write("> ")
                 sys.stderr.flush()
             line = sys.stdin.readline()
-            if not line:
-                return 0
-            text = line.strip()
-            if not text:
-                continue
-            if text in ("/exit", "/quit"):
-                return 0
-            if text == "/reset":
-                if engine.store.exists(args.session, namespace=args.namespace):
-                    engine.reset(args.session)
-                print("(session reset)", file=sys.stderr)
-                continue
-            turn(text)
-    except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: quit
+            if interactive:
+                sys.stderr.write("\n")
+            return 0
+        if not line:  # EOF (Ctrl-D)
+            if interactive:
+                sys.stderr.write("\n")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            if engine.store.exists(args.session, namespace=args.namespace):
+                engine.reset(args.session)
+            print("(session reset)", file=sys.stderr)
+            continue
+        _turn(engine, args, text, options, thinking)  # Ctrl-C stops this answer only
+
+
+def _kv_cache_dir(args: argparse.Namespace) -> str | None:
+    """``--kv-cache-dir``: a directory, ``none`` (not saved), or the default under the deltamem cache dir. Each
+    ``deltamem chat --message`` is a new process: without the saved cache every such turn re-reads the whole
+    conversation."""
+    if args.kv_cache_dir is None:
+        from ..paths import cache_dir
+
+        return str(cache_dir() / "kv-cache")
+    return None if args.kv_cache_dir.lower() in ("", "none") else args.kv_cache_dir
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from ..cli import apply_threads
+
+    thinking = _Thinking()
+    engine = None
+    try:
+        apply_threads(args.threads)  # before the model loads (torch sizes its thread pool once)
+        thinking.start("loading the model…")
+        try:
+            with _no_progress_bars(thinking.active):  # the spinner stands for them
+                engine = _engine(args, mode=args.mode, window_tokens=args.window_tokens,
+                                 kv_tokens=args.kv_tokens, kv_cache_dir=_kv_cache_dir(args))
+        finally:
+            thinking.stop()
+        if args.verbose:
+            import torch
+
+            print(f"[model {getattr(engine, 'model_name', '?')} | mode {args.mode} | window {args.window_tokens} "
+                  f"tokens | torch threads {torch.get_num_threads()}]", file=sys.stderr)
+        options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       repetition_penalty=args.repetition_penalty, seed=args.seed, history="append")
+        if args.system:
+            engine.write(args.session, [{"role": "system", "content": args.system}], history="append")
+        if args.message is not None:
+            return 0 if _turn(engine, args, args.message, options, thinking) else 130
+        return _repl(engine, args, options, thinking)
+    except KeyboardInterrupt:  # while the model loads, or a second Ctrl-C: quit without a traceback
+        thinking.stop()
+        sys.stderr.write("\n")
         return 130
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
 
 
 # ------------------------------------------------------------------------------------------------ sessions
@@ -155,15 +330,35 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``chat`` and ``sessions`` to the ``deltamem`` parser."""
-    chat = sub.add_parser("chat", help="chat with memory (interactive, or one turn with --message)")
+    from ..cli import HelpFormatter, add_threads_argument
+
+    chat = sub.add_parser(
+        "chat", help="chat with memory (interactive, or one turn with --message)", formatter_class=HelpFormatter,
+        description="Chat with a session whose memory is a δ-mem state (interactive, or one turn with "
+        "--message).\nCtrl-C stops the answer being generated (nothing of that turn is saved); Ctrl-C or "
+        "Ctrl-D at the prompt quits.",
+    )  # fmt: skip
     chat.add_argument("--session", required=True, help="session id (created on first use)")
     chat.add_argument("--message", default=None, help="send one message, print the answer and exit")
     chat.add_argument("--system", default=None, help="write a system message into the session first")
-    chat.add_argument("--mode", default="windowed", choices=("windowed", "online", "state-only"))
-    chat.add_argument("--window-tokens", type=int, default=1024)
-    chat.add_argument("--max-new-tokens", type=int, default=256)
-    chat.add_argument("--temperature", type=float, default=0.0)
-    chat.add_argument("--verbose", "-v", action="store_true", help="print token usage after every turn")
+    chat.add_argument("--mode", default="online", choices=("online", "windowed", "state-only"), help=MODE_HELP)
+    chat.add_argument("--window-tokens", type=int, default=1024,
+                      help="windowed mode: tokens of the most recent text kept in the prompt")
+    chat.add_argument("--kv-tokens", type=int, default=None,
+                      help="online mode: the KV budget of the session (default: the model's context window)")
+    chat.add_argument("--kv-cache-dir", default=None,
+                      help="online mode: where the session's KV cache is saved between runs, so the next "
+                      "`deltamem chat` skips re-reading the conversation ('none': not saved) "
+                      "(default: kv-cache/ in the deltamem cache dir)")
+    chat.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, in tokens")
+    chat.add_argument("--temperature", type=float, default=0.2, help="sampling temperature (0: greedy, deterministic)")
+    chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    chat.add_argument("--repetition-penalty", type=float, default=1.1,
+                      help="penalty on tokens the answer already generated (1: none; the prompt is never penalised)")
+    chat.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible answers)")
+    chat.add_argument("--verbose", "-v", action="store_true",
+                      help="print the model and thread count, and token usage after every turn")
+    add_threads_argument(chat)
     _store_args(chat)
     _model_args(chat)
     chat.set_defaults(func=_cmd_chat)

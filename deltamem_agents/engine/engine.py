@@ -1,22 +1,21 @@
 """`MemoryEngine`: sessions with δ-mem memory at run time (design brief §2; user guide: ``docs/engine.md``).
 
-How a turn runs (``chat`` / ``stream``; ``write`` is the same without the prompt and the generation):
+The engine is a façade: the session store keeps sessions, :mod:`.session` reconciles a call's messages with what
+was written, :mod:`.turns` runs the call in its mode, :mod:`.generation` decodes. How a turn runs (``chat`` /
+``stream``; ``write`` is the same without the prompt and the generation):
 
-1. Validate every message (role, content, size) — errors here change nothing.
-2. Under the session's lock, load the latest snapshot and check its fingerprints; reconcile the call's messages
-   with the written record (:mod:`.session`): already-written messages are skipped, new ones will be written, a
-   diverging history rolls back to the latest snapshot before the divergence and replays the rest.
-3. Build the prompt of the mode (``windowed``: the recent window as text; ``state-only``: only the current
-   turn; ``online``: the whole conversation) and generate, reading the state (writes off).
-4. Write: every new message, then the reply, each as the chat template renders it inside a conversation.
-   ``windowed``/``state-only`` write each message **on its own** (one forward call over its tokens, no text
-   context): the state after a history is then a pure fold over its messages, so a resend writes nothing, a
-   replay gives bitwise the state of a fresh run, and ``write()`` gives bitwise the state ``chat()`` gives.
-   ``online`` writes messages **as they pass** in the prompt (after the already-written history, which is run
-   with writes off), the reply continuing the same context: paper-faithful, but then the state depends on how
-   the conversation was split into calls (a replay is equivalent, not bitwise equal, to the original run).
-5. Commit state, new records and window with the version read in 2; on a concurrent update, reload and write
-   again (the reply is kept, not regenerated), a bounded number of times.
+1. Validate every message (role, content, size) and the generation options — errors here change nothing.
+2. Under the session's lock, load the latest snapshot (creating the session if needed) and check its
+   fingerprints; reconcile the call's messages with the written record: already-written messages are skipped,
+   new ones will be written, a diverging history rolls back to the latest snapshot before the divergence and
+   replays the rest.
+3. The mode builds the prompt and writes the messages (:mod:`.turns`): ``online`` (default) continues the
+   session's hot KV cache and writes each new message as it passes; ``windowed``/``state-only`` prompt with
+   text and write each message on its own after generation.
+4. Generate (every generated token reads the state, nothing is written), then write the reply as a message.
+5. Commit state, new records and window with the version read in 2 — a turn is two store transactions, load
+   and commit. On a concurrent update, reload and write again (the reply is kept, not regenerated), a bounded
+   number of times. Only after the commit does the mode keep its KV cache for the next turn.
 """
 
 from __future__ import annotations
@@ -28,75 +27,54 @@ import os
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
-from ..adapter import (
-    AdapterMismatchError,
-    DeltaMemConfig,
-    DeltaMemModel,
-    DeltaMemState,
-    adapter_fingerprint,
-    attach,
-    base_model_fingerprint,
-    import_official_adapter,
-    load_adapter,
-)
+from ..adapter import DeltaMemState, adapter_fingerprint, base_model_fingerprint
+from ..models.resolve import eos_token_ids, resolve_model
 from ..store.base import (
     DEFAULT_NAMESPACE,
     ConcurrentUpdateError,
     SessionData,
+    SessionExistsError,
     SessionInfo,
     SessionNotFoundError,
     SessionStats,
     SessionStore,
     TurnInfo,
-    WindowMessage,
-    WrittenMessage,
     validate_identifier,
 )
 from .batching import ModelRunner
-from .errors import ContextLengthError, FingerprintMismatchError, InvalidMessageError
+from .errors import FingerprintMismatchError, InvalidMessageError
 from .generation import generate
+from .kv_files import KVCacheFiles
+from .kv_pool import KVCachePool, KVCacheStats
 from .messages import Message, normalize_messages
 from .rendering import ChatRenderer
 from .results import ChatChunk, ChatResult, Usage, WriteResult
 from .sampling import SamplingParams
 from .serialization import blobs_to_state, state_to_blobs
-from .session import HISTORY_STYLES, TurnPlan, plan_turn
-from .window import HistoryItem, select_window
+from .session import HISTORY_STYLES, plan_turn
+from .turns import GenOptions, OnlineTurns, Prepared, StateOnlyTurns, TurnMode, TurnWork, WindowedTurns
+from .window import HistoryItem
 
-__all__ = ["MODES", "MemoryEngine"]
+__all__ = ["DEFAULT_SAMPLING", "MODES", "MemoryEngine"]
 
 logger = logging.getLogger(__name__)
 
-MODES = ("windowed", "online", "state-only")
+MODES = ("online", "windowed", "state-only")
 _MODE_ALIASES = {"state_only": "state-only", "stateonly": "state-only"}
 
-
-@dataclass(frozen=True)
-class _GenOptions:
-    max_new_tokens: int
-    params: SamplingParams
-    stop: tuple[str, ...]
-    tools: Any
-
-
-@dataclass
-class _Prepared:
-    """A loaded session and the plan of a call."""
-
-    data: SessionData
-    plan: TurnPlan
-    state: DeltaMemState  # the state at plan.base_turn
+#: Generation defaults for chat: light sampling with a repetition penalty over the generated tokens. On the
+#: embedded SmolLM2-135M greedy decoding loops within a few sentences (its model card samples at 0.2 / 0.9);
+#: ``temperature=0`` stays available and deterministic.
+DEFAULT_SAMPLING = SamplingParams(temperature=0.2, top_p=0.9, repetition_penalty=1.1)
+DEFAULT_MAX_NEW_TOKENS = 512
+_UNSET: Any = object()
 
 
 class MemoryEngine:
-    """Run chat sessions whose memory is a δ-mem state, persisted in a session store.
+    """Run chat sessions whose memory is a δ-mem state (long-term) and a hot KV cache (short-term).
 
     Args:
         model: ``None`` (the embedded SmolLM2-135M-Instruct), a path / hub id / GGUF file, a loaded
@@ -107,9 +85,19 @@ class MemoryEngine:
             (a fresh, untrained adapter, deterministically initialised so its fingerprint is stable).
         store: ``None`` (:func:`~deltamem_agents.store.open_store`: SQLite in the cache dir), a database URL, or a
             store object implementing :class:`~deltamem_agents.store.base.SessionStore`.
-        mode: default mode: ``"windowed"``, ``"online"`` or ``"state-only"``.
-        window_tokens: tokens of recent history kept as text in the windowed prompt.
+        mode: default mode: ``"online"`` (default), ``"windowed"`` or ``"state-only"`` (see ``docs/engine.md``).
+        window_tokens: ``windowed``: tokens of recent history kept as text in the prompt.
+        kv_tokens: ``online``: the KV budget of a session (default: the model's context window).
+        kv_retain: ``online``: fraction of ``kv_tokens`` kept when the budget fills (the rest is re-prefilled
+            once, then room for the next turns).
+        kv_cache_bytes: ``online``: bytes of hot KV caches kept in this process, over all sessions (LRU).
+            ``0`` keeps none: every turn re-prefills its context.
+        kv_cache_dir: ``online``: a directory where KV caches are saved when they leave memory (LRU eviction,
+            :meth:`close`) and loaded by a later turn or process, so a resumed session skips its re-prefill.
+            ``None`` (default): not persisted.
+        kv_cache_dir_bytes: size cap of ``kv_cache_dir`` (least recently used files go first).
         max_message_tokens: a message longer than this (as rendered) is refused.
+        max_new_tokens, sampling: generation defaults of ``chat``/``stream`` (:data:`DEFAULT_SAMPLING`).
         device, dtype: where and how to load a model given by name (defaults: CUDA if present, else CPU fp32).
         namespace: default namespace (tenant) of the session operations.
         tokenizer: the tokenizer, when ``model`` is a model object rather than a pair.
@@ -123,9 +111,16 @@ class MemoryEngine:
         *,
         adapter: str | os.PathLike[str] | None = None,
         store: SessionStore | str | None = None,
-        mode: str = "windowed",
+        mode: str = "online",
         window_tokens: int = 1024,
+        kv_tokens: int | None = None,
+        kv_retain: float = 0.5,
+        kv_cache_bytes: int = 2 * 1024**3,
+        kv_cache_dir: str | os.PathLike[str] | None = None,
+        kv_cache_dir_bytes: int = 8 * 1024**3,
         max_message_tokens: int = 8192,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        sampling: SamplingParams | None = None,
         device: Any = None,
         dtype: Any = None,
         namespace: str = DEFAULT_NAMESPACE,
@@ -134,19 +129,28 @@ class MemoryEngine:
         max_retries: int = 3,
     ) -> None:
         self.default_mode = _check_mode(mode)
-        if not isinstance(window_tokens, int) or window_tokens < 0:
-            raise ValueError(f"window_tokens must be a non-negative integer, got {window_tokens!r}")
-        if not isinstance(max_message_tokens, int) or max_message_tokens < 1:
-            raise ValueError(f"max_message_tokens must be a positive integer, got {max_message_tokens!r}")
+        _check_int("window_tokens", window_tokens, 0)
+        _check_int("max_message_tokens", max_message_tokens, 1)
+        _check_int("max_new_tokens", max_new_tokens, 0)
+        _check_int("kv_cache_bytes", kv_cache_bytes, 0)
+        _check_int("kv_cache_dir_bytes", kv_cache_dir_bytes, 0)
+        if kv_tokens is not None:
+            _check_int("kv_tokens", kv_tokens, 64)
+        if isinstance(kv_retain, bool) or not isinstance(kv_retain, int | float) or not 0 <= kv_retain < 1:
+            raise ValueError(f"kv_retain must be in [0, 1), got {kv_retain!r}")
         if history not in HISTORY_STYLES:
             raise ValueError(f"history must be one of {HISTORY_STYLES}, got {history!r}")
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         self.window_tokens = window_tokens
         self.max_message_tokens = max_message_tokens
+        self.max_new_tokens = max_new_tokens
+        self.sampling = sampling or DEFAULT_SAMPLING
         self.namespace = validate_identifier(namespace, "namespace")
         self.history = history
         self.max_retries = max_retries
 
-        self.model, self._tokenizer, self.model_source = _resolve_model(model, adapter, tokenizer, device, dtype)
+        self.model, self._tokenizer, self._model_name = resolve_model(model, adapter, tokenizer, device, dtype)
         self.model.eval()
         self.device = next(self.model.base_model.parameters()).device
         self.runner = ModelRunner(self.model, self.device)
@@ -155,7 +159,19 @@ class MemoryEngine:
             "model": base_model_fingerprint(self.model.base_model),
             "adapter": adapter_fingerprint(self.model),
         }
-        self.eos_ids = _eos_ids(self.model.base_model, self._tokenizer)
+        self.eos_ids = eos_token_ids(self.model.base_model, self._tokenizer)
+        self.kv_tokens = min(kv_tokens or self.context_window, self.context_window)
+
+        self._kv_files = (KVCacheFiles(kv_cache_dir, kv_cache_dir_bytes, self._fingerprints)
+                          if kv_cache_dir is not None else None)
+        self._kv_pool = KVCachePool(kv_cache_bytes, on_evict=self._save_evicted)
+        self._modes: dict[str, TurnMode] = {
+            "online": OnlineTurns(self.runner, self.renderer, self.context_window, kv_tokens=self.kv_tokens,
+                                  retain=float(kv_retain), pool=self._kv_pool if kv_cache_bytes else None,
+                                  files=self._kv_files, cache_config=self.model.base_model.config),
+            "windowed": WindowedTurns(self.runner, self.renderer, self.context_window, window_tokens),
+            "state-only": StateOnlyTurns(self.runner, self.renderer, self.context_window, window_tokens),
+        }
 
         self._owns_store = store is None or isinstance(store, str | os.PathLike)
         if store is None or isinstance(store, str | os.PathLike):
@@ -173,8 +189,8 @@ class MemoryEngine:
 
     @property
     def model_name(self) -> str:
-        cfg = self.model.base_model.config
-        return str(getattr(cfg, "_name_or_path", "") or self.model_source or getattr(cfg, "model_type", "model"))
+        """A short name of the base model (the embedded model's name, a directory's name, a hub id), never a path."""
+        return self._model_name
 
     @property
     def context_window(self) -> int:
@@ -187,8 +203,15 @@ class MemoryEngine:
         """``{"model": …, "adapter": …}``: what every session written by this engine is stamped with."""
         return dict(self._fingerprints)
 
+    def kv_cache_stats(self) -> KVCacheStats:
+        """Hot KV cache counters (hits, disk hits, misses, slides, evictions) and current size."""
+        return self._kv_pool.stats
+
     def close(self) -> None:
-        """Close the store if the engine opened it."""
+        """Save the hot KV caches to ``kv_cache_dir`` (if set) and close the store if the engine opened it."""
+        if self._kv_files is not None:
+            for key, context in self._kv_pool.drain():
+                self._kv_files.save(key, context)
         if self._owns_store:
             self.store.close()
 
@@ -224,29 +247,35 @@ class MemoryEngine:
 
     def fork(self, session_id: str, new_id: str | None = None, *, namespace: str | None = None,
              new_namespace: str | None = None, turn: int | None = None) -> SessionInfo:
-        """Copy a session (its snapshots up to ``turn``, default latest) to ``new_id``; the source is untouched."""
+        """Copy a session (its snapshots up to ``turn``, default latest) to ``new_id``; the source is untouched.
+        The fork starts without a hot KV cache (its first turn re-prefills)."""
         ns = self._ns(namespace)
         with self._session_lock(ns, session_id):
             return self.store.fork(session_id, new_id or uuid.uuid4().hex, namespace=ns,
                                    new_namespace=new_namespace, turn=turn)
 
     def rollback(self, session_id: str, turn: int, *, namespace: str | None = None) -> SessionInfo:
-        """Go back to the snapshot after ``turn`` (later turns are dropped)."""
+        """Go back to the snapshot after ``turn`` (later turns are dropped; so is the session's KV cache)."""
         ns = self._ns(namespace)
         with self._session_lock(ns, session_id):
-            return self.store.rollback(session_id, namespace=ns, turn=turn)
+            info = self.store.rollback(session_id, namespace=ns, turn=turn)
+            self._forget_caches(ns, session_id)
+            return info
 
     def reset(self, session_id: str, *, namespace: str | None = None) -> SessionInfo:
-        """Forget everything: zero state, no record, no window, no snapshots (the session id stays)."""
+        """Forget everything: zero state, no record, no window, no snapshots, no KV cache (the id stays)."""
         ns = self._ns(namespace)
         with self._session_lock(ns, session_id):
-            return self.store.reset(session_id, namespace=ns)
+            info = self.store.reset(session_id, namespace=ns)
+            self._forget_caches(ns, session_id)
+            return info
 
     def delete(self, session_id: str, *, namespace: str | None = None) -> None:
-        """Delete the session with its state, snapshots, record and window."""
+        """Delete the session with its state, snapshots, record, window and KV caches (in memory and on disk)."""
         ns = self._ns(namespace)
         with self._session_lock(ns, session_id):
             self.store.delete(session_id, namespace=ns)
+            self._forget_caches(ns, session_id)
 
     def stats(self, session_id: str, *, namespace: str | None = None) -> SessionStats:
         return self.store.stats(session_id, namespace=self._ns(namespace))
@@ -274,9 +303,11 @@ class MemoryEngine:
 
         Raises :class:`FingerprintMismatchError` when the file was written with another model or adapter,
         :class:`InvalidStateError` for NaN/Inf or a foreign layout, ``SessionExistsError`` when the id is taken;
-        in every case nothing is created.
+        in every case nothing is created. The imported session has no KV cache: its first online turn
+        re-prefills from the exported window.
         """
         from .portable import read_export
+        from .serialization import check_state
 
         exported = read_export(path)
         fp = exported.fingerprints
@@ -286,14 +317,13 @@ class MemoryEngine:
                 f"this engine runs model {self._fingerprints['model'][:12]}… / adapter "
                 f"{self._fingerprints['adapter'][:12]}…"
             )
-        from .serialization import check_state
-
         check_state(exported.state, self.model)
         ns = self._ns(namespace if namespace is not None else exported.namespace)
         sid = session_id or exported.session_id
         with self._session_lock(ns, sid):
             info = self.store.create(sid, namespace=ns, model_fingerprint=fp["model"],
                                      adapter_fingerprint=fp["adapter"], metadata=exported.metadata)
+            self._forget_caches(ns, sid)  # a cache file of an earlier session with this id must not apply
             try:
                 return self.store.commit(sid, namespace=ns, expected_version=info.version,
                                          state=state_to_blobs(exported.state), written=exported.written,
@@ -314,19 +344,24 @@ class MemoryEngine:
         history: str | None = None,
         create_if_missing: bool = True,
     ) -> WriteResult:
-        """Write messages into the session's state without generating (idempotent: see the module docstring)."""
+        """Write messages into the session's state without generating (idempotent: see ``docs/engine.md``)."""
         ns, mode_ = self._ns(namespace), _check_mode(mode or self.default_mode)
+        style = _check_style(history or self.history)
         msgs, counts = self._validate(messages)
+        runner = self._modes[mode_]
         with self._session_lock(ns, session_id):
-            prep = self._prepare(session_id, ns, msgs, counts, history or self.history, create_if_missing)
+            prep = self._prepare(session_id, ns, msgs, counts, style, create_if_missing)
             if not prep.plan.new and not prep.plan.replayed:
-                info = prep.data.info
-                return WriteResult(session_id, ns, info.turn, 0, 0)
-            state, written, _ = self._write_items(prep.state, prep.plan, prep.plan.new, mode_)
-            window = self._window(prep.plan.history)
-            info = self._commit(session_id, ns, prep, state, written, window, msgs, counts, mode_)
+                return WriteResult(session_id, ns, prep.data.info.turn, 0, 0)
+            work = runner.begin((ns, session_id), prep, None)
+            try:
+                runner.write_new(work)
+                info, work = self._commit(runner, work, prep.plan.history, msgs, counts)
+            except BaseException:
+                runner.abandon(work)
+                raise
         return WriteResult(
-            session_id, ns, info.turn, len(written), sum(w.tokens for w in written),
+            session_id, ns, info.turn, len(work.written), sum(w.tokens for w in work.written),
             prep.plan.replayed, prep.plan.base_turn if prep.plan.replayed else None,
         )
 
@@ -346,10 +381,11 @@ class MemoryEngine:
         *,
         namespace: str | None = None,
         mode: str | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = _UNSET,
+        repetition_penalty: float | None = None,
         stop: str | Sequence[str] | None = None,
         seed: int | None = None,
         tools: Any = None,
@@ -359,20 +395,31 @@ class MemoryEngine:
     ) -> Iterator[ChatChunk]:
         """Stream the answer as text deltas; the last chunk carries ``finish_reason``, ``usage`` and ``result``.
 
-        Messages are validated here, eagerly (before the first ``next()``). The turn is committed when the last
-        chunk is produced; a stream closed early commits nothing (nothing is written, the session is unchanged).
-        The session stays locked while the stream is open.
+        Generation options left as ``None`` take the engine's defaults (``max_new_tokens``, ``sampling``);
+        ``temperature=0`` is greedy and deterministic. Messages and options are validated here, eagerly (before
+        the first ``next()``). The turn is committed when the last chunk is produced; a stream closed early
+        commits nothing (nothing is written, the session is unchanged). The session stays locked while the
+        stream is open.
         """
         ns, mode_ = self._ns(namespace), _check_mode(mode or self.default_mode)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        if not all(isinstance(s, str) for s in stops):
-            raise ValueError("stop must be a string or a list of strings")
-        gen = _GenOptions(max_new_tokens, SamplingParams(temperature, top_p, top_k, seed), stops, tools)
-        style = history or self.history
-        if style not in HISTORY_STYLES:
-            raise ValueError(f"history must be one of {HISTORY_STYLES}, got {style!r}")
+        if max_new_tokens is None:
+            max_new_tokens = self.max_new_tokens
+        _check_int("max_new_tokens", max_new_tokens, 0)
+        stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list | tuple) else stop
+        if stops is None:
+            stops = ()
+        if not isinstance(stops, tuple) or not all(isinstance(s, str) and s for s in stops):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        d = self.sampling
+        params = SamplingParams(
+            d.temperature if temperature is None else temperature,
+            d.top_p if top_p is None else top_p,
+            d.top_k if top_k is _UNSET else top_k,
+            seed,
+            d.repetition_penalty if repetition_penalty is None else repetition_penalty,
+        )
+        gen = GenOptions(max_new_tokens, params, stops, tools)
+        style = _check_style(history or self.history)
         msgs, counts = self._validate(messages)
         return self._stream(session_id, ns, mode_, msgs, counts, gen, style, create_if_missing, _cancelled)
 
@@ -427,6 +474,14 @@ class MemoryEngine:
         with lock:
             yield
 
+    def _forget_caches(self, ns: str, session_id: str) -> None:
+        for runner in self._modes.values():
+            runner.forget((ns, session_id))
+
+    def _save_evicted(self, key: tuple[str, str], context: Any) -> None:
+        if self._kv_files is not None:
+            self._kv_files.save(key, context)
+
     def _validate(self, messages: Any) -> tuple[list[Message], list[int]]:
         msgs = normalize_messages(messages)
         if not msgs:
@@ -454,103 +509,37 @@ class MemoryEngine:
             )
 
     def _load(self, session_id: str, ns: str, create_if_missing: bool) -> SessionData:
+        """The latest snapshot; a missing session is created (one transaction) and is the fresh session."""
         try:
             data = self.store.load(session_id, namespace=ns)
         except SessionNotFoundError:
-            if not create_if_missing or self.store.exists(session_id, namespace=ns):
+            if not create_if_missing:
                 raise
-            self.create_session(session_id, namespace=ns)
-            data = self.store.load(session_id, namespace=ns)
+            try:
+                info = self.create_session(session_id, namespace=ns)
+            except SessionExistsError:  # created meanwhile by another process
+                data = self.store.load(session_id, namespace=ns)
+            else:
+                data = SessionData(info, 0, [], [], [])
         self._check_fingerprints(data.info)
         return data
 
     def _prepare(self, session_id: str, ns: str, msgs: list[Message], counts: list[int], style: str,
-                 create_if_missing: bool) -> _Prepared:
+                 create_if_missing: bool) -> Prepared:
         data = self._load(session_id, ns, create_if_missing)
-        turns = self.store.list_turns(session_id, namespace=ns) if data.written else []
-        plan = plan_turn(style, msgs, counts, data.written, turns, data.info.turn, data.window)
+        plan = plan_turn(style, msgs, counts, data.written,
+                         lambda: self.store.list_turns(session_id, namespace=ns), data.info.turn, data.window)
         if plan.base_turn == data.turn:
             blobs = data.state
-        elif plan.base_turn >= 0:
+        elif plan.base_turn >= 0:  # a replay: the snapshot before the divergence
             blobs = self.store.load(session_id, namespace=ns, turn=plan.base_turn).state
         else:
             blobs = []
         # Deserialise (and check finiteness / layout) before anything is generated or written.
-        return _Prepared(data, plan, blobs_to_state(blobs, self.model))
+        return Prepared(data, plan, blobs_to_state(blobs, self.model))
 
-    def _window(self, items: Sequence[HistoryItem]) -> list[WindowMessage]:
-        kept = select_window(items, self.window_tokens, keep_last=1)
-        return [WindowMessage(i.index, i.message.role, i.message.content, i.tokens) for i in kept]
-
-    def _write_items(
-        self, state: DeltaMemState, plan: TurnPlan, items: Sequence[HistoryItem], mode: str, *,
-        online_cache: Any = None,
-    ) -> tuple[DeltaMemState, list[WrittenMessage], Any]:
-        """Write ``items`` in order; returns the state, their records and (online) the KV cache after them.
-
-        ``windowed``/``state-only``: each message in its own forward call with no text context.
-        ``online``: continuing ``online_cache`` (built here from the already-written history when None); when
-        the context would overflow, it restarts empty (deterministically, for a given sequence of calls).
-        """
-        records: list[WrittenMessage] = []
-        cache = online_cache
-        if mode == "online" and cache is None and items:
-            cache = self.runner.new_cache()
-            context = [h for h in plan.history if h.index < plan.base_written]
-            head = self.renderer.continuation_ids(
-                [h.message for h in self._fit_history(context, sum(i.tokens for i in items), 0)],
-                [i.message for i in items],
-            )
-            _, state = self.runner.forward(state, head, cache=cache, writes=False, want_logits=False)
-        for item in items:
-            ids = self.renderer.message_ids(item.message)
-            if mode == "online":
-                if cache.get_seq_length() + len(ids) > self.context_window:
-                    cache = self.runner.new_cache()
-                _, state = self.runner.forward(state, ids, cache=cache, writes=True, segment_id=item.index,
-                                               want_logits=False)
-            else:
-                _, state = self.runner.forward(state, ids, writes=True, segment_id=item.index, want_logits=False)
-            records.append(WrittenMessage(item.index, item.message.role, item.message.digest, len(ids)))
-        return state, records, cache
-
-    def _fit_history(self, context: list[HistoryItem], reserved: int, max_new: int) -> list[HistoryItem]:
-        """Drop the oldest (non-pinned) history messages until history + ``reserved`` + ``max_new`` fit."""
-        context = list(context)
-        budget = self.context_window - reserved - max_new - len(self.renderer.generation_header_ids) - 16
-        pinned = context[:1] if context and context[0].index == 0 and context[0].message.role == "system" else []
-        rest = context[len(pinned) :]
-        while rest and sum(i.tokens for i in pinned + rest) > budget:
-            rest.pop(0)
-        return pinned + rest
-
-    def _prompt_items(self, plan: TurnPlan, mode: str) -> tuple[list[HistoryItem], int]:
-        """The prompt's messages for windowed / state-only, and how many trailing ones must stay."""
-        history = plan.history
-        last_assistant = max((p for p, h in enumerate(history) if h.message.role == "assistant"), default=-1)
-        current = max(1, len(history) - 1 - last_assistant)
-        if mode == "state-only":
-            pinned = history[:1] if history and history[0].index == 0 and history[0].message.role == "system" else []
-            tail = history[-current:]
-            return (pinned + [h for h in tail if h not in pinned]), current
-        return select_window(history, self.window_tokens, keep_last=current), current
-
-    def _fit_prompt(self, items: list[HistoryItem], forced: int, gen: _GenOptions) -> tuple[list[int], list[HistoryItem]]:
-        items = list(items)
-        while True:
-            ids = self.renderer.prompt_ids([i.message for i in items], tools=gen.tools)
-            if len(ids) + gen.max_new_tokens <= self.context_window:
-                return ids, items
-            pinned = items[0] if items and items[0].index == 0 and items[0].message.role == "system" else None
-            droppable = [i for i in items[: len(items) - forced] if i is not pinned]
-            if not droppable:
-                raise ContextLengthError(
-                    f"the current turn needs {len(ids)} prompt tokens + max_new_tokens={gen.max_new_tokens}, more "
-                    f"than the model's context window of {self.context_window}"
-                )
-            items.remove(droppable[0])
-
-    def _full_context_tokens(self, plan: TurnPlan, record: Sequence[WrittenMessage]) -> int:
+    def _full_context_tokens(self, prep: Prepared) -> int:
+        plan, record = prep.plan, prep.data.written
         earlier = sum(r.tokens for r in record[: plan.base_written])
         new = sum(i.tokens for i in plan.new)
         first = plan.history[0] if plan.history and plan.history[0].index == 0 else None
@@ -559,99 +548,76 @@ class MemoryEngine:
         return head + earlier + new + len(self.renderer.generation_header_ids)
 
     def _stream(self, session_id: str, ns: str, mode: str, msgs: list[Message], counts: list[int],
-                gen: _GenOptions, style: str, create_if_missing: bool,
+                gen: GenOptions, style: str, create_if_missing: bool,
                 cancelled: threading.Event | None) -> Iterator[ChatChunk]:
+        runner = self._modes[mode]
         with self._session_lock(ns, session_id):
             prep = self._prepare(session_id, ns, msgs, counts, style, create_if_missing)
-            plan, state0 = prep.plan, prep.state
-            written: list[WrittenMessage] = []
-            if mode == "online":
-                context = [h for h in plan.history if h.index < plan.base_written]
-                new_tokens = sum(i.tokens for i in plan.new)
-                context = self._fit_history(context, new_tokens, gen.max_new_tokens)
-                head = self.renderer.continuation_ids([h.message for h in context], [i.message for i in plan.new],
-                                                      tools=gen.tools)
-                prompt_len = len(head) + new_tokens + len(self.renderer.generation_header_ids)
-                if prompt_len + gen.max_new_tokens > self.context_window:
-                    raise ContextLengthError(
-                        f"online prompt needs {prompt_len} tokens + max_new_tokens={gen.max_new_tokens}, more than "
-                        f"the context window of {self.context_window}"
-                    )
-                cache = self.runner.new_cache()
-                _, state = self.runner.forward(state0, head, cache=cache, writes=False, want_logits=False)
-                state, written, cache = self._write_items(state, plan, plan.new, mode, online_cache=cache)
-                before_header = cache.get_seq_length()
-                read_state, tail = state, list(self.renderer.generation_header_ids)
-            else:
-                items, forced = self._prompt_items(plan, mode)
-                prompt, _ = self._fit_prompt(items, forced, gen)
-                prompt_len = len(prompt)
-                cache, read_state, tail = self.runner.new_cache(), state0, prompt
-
-            pieces: list[str] = []
-            final = None
-            for event in generate(
-                self.runner, read_state, cache, tail, max_new_tokens=gen.max_new_tokens, params=gen.params,
-                eos_ids=self.eos_ids, stop=gen.stop, tokenizer=self._tokenizer, cancelled=cancelled,
-            ):
-                if event.text:
-                    pieces.append(event.text)
-                if event.finish_reason is None:
-                    yield ChatChunk(event.text, session_id)
-                else:
-                    final = event
-            assert final is not None
-            if final.finish_reason == "cancelled":
-                return
-            reply_text = final.full_text
-            reply = Message("assistant", reply_text)
-            next_index = plan.history[-1].index + 1
-            reply_item = HistoryItem(next_index, reply, len(self.renderer.message_ids(reply)))
-
-            if mode == "online":
-                # The reply is written as a message continuing the conversation: drop the generation's tokens
-                # (negative = tokens to remove, in transformers 4.x and 5.x alike).
-                extra = cache.get_seq_length() - before_header
-                if extra > 0:
-                    cache.crop(-extra)
-                state, reply_written, _ = self._write_items(state, plan, [reply_item], mode, online_cache=cache)
-                written += reply_written
-            else:
-                state, written, _ = self._write_items(state0, plan, [*plan.new, reply_item], mode)
-            window = self._window([*plan.history, reply_item])
-            info = self._commit(session_id, ns, prep, state, written, window, [*msgs, reply],
-                                [*counts, reply_item.tokens], mode)
+            plan = prep.plan
+            work = runner.begin((ns, session_id), prep, gen)
+            try:
+                prompt = runner.prompt(work, gen)
+                final = None
+                for event in generate(
+                    self.runner, prompt.read_state, prompt.cache, prompt.tail, max_new_tokens=gen.max_new_tokens,
+                    params=gen.params, eos_ids=self.eos_ids, stop=gen.stop, tokenizer=self._tokenizer,
+                    cancelled=cancelled,
+                ):
+                    if event.finish_reason is None:
+                        yield ChatChunk(event.text, session_id)
+                    else:
+                        final = event
+                assert final is not None
+                if final.finish_reason == "cancelled":
+                    runner.abandon(work)
+                    return
+                reply = Message("assistant", final.full_text)
+                reply_item = HistoryItem(plan.history[-1].index + 1, reply, len(self.renderer.message_ids(reply)))
+                runner.write_reply(work, prompt, reply_item)
+                info, work = self._commit(runner, work, [*plan.history, reply_item], [*msgs, reply],
+                                          [*counts, reply_item.tokens])
+            except BaseException:  # an error, or the stream closed early (GeneratorExit): nothing is kept
+                runner.abandon(work)
+                raise
             usage = Usage(
-                prompt_tokens=prompt_len,
+                prompt_tokens=prompt.prompt_tokens,
                 completion_tokens=final.tokens,
-                written_tokens=sum(w.tokens for w in written),
-                full_context_tokens=self._full_context_tokens(plan, prep.data.written),
+                written_tokens=sum(w.tokens for w in work.written),
+                full_context_tokens=self._full_context_tokens(prep),
+                cached_tokens=prompt.cached_tokens,
             )
             result = ChatResult(
-                text=reply_text, finish_reason=final.finish_reason, usage=usage, session_id=session_id,
+                text=final.full_text, finish_reason=final.finish_reason, usage=usage, session_id=session_id,
                 namespace=ns, turn=info.turn, replayed=plan.replayed,
-                rolled_back_to=plan.base_turn if plan.replayed else None, written_messages=len(written),
-                mode=mode,
+                rolled_back_to=plan.base_turn if plan.replayed else None, written_messages=len(work.written),
+                mode=mode, kv_cache=work.kv,
             )
         yield ChatChunk(final.text, session_id, finish_reason=final.finish_reason, usage=usage, result=result)
 
-    def _commit(self, session_id: str, ns: str, prep: _Prepared, state: DeltaMemState,
-                written: list[WrittenMessage], window: list[WindowMessage], all_msgs: list[Message],
-                all_counts: list[int], mode: str) -> SessionInfo:
-        """Commit a turn; on a concurrent update reload and write ``all_msgs`` again on the fresh session."""
+    def _commit(self, runner: TurnMode, work: TurnWork, history: list[HistoryItem], all_msgs: list[Message],
+                all_counts: list[int]) -> tuple[SessionInfo, TurnWork]:
+        """Commit a turn; on a concurrent update reload and write ``all_msgs`` again on the fresh session.
+        Returns the committed session header and the work that was committed."""
+        ns, session_id = work.key
         attempt = 0
         while True:
+            prep = work.prep
+            blobs = state_to_blobs(work.state)
+            window = runner.window(work, history)
             try:
                 base_turn = prep.plan.base_turn
                 version = prep.data.info.version
                 if base_turn < 0:  # replay from nothing: every old-enough snapshot was pruned
                     version = self.store.reset(session_id, namespace=ns, expected_version=version).version
                     base_turn = 0
-                return self.store.commit(
-                    session_id, namespace=ns, expected_version=version, state=state_to_blobs(state),
-                    written=written, window=window, base_turn=base_turn,
+                info = self.store.commit(
+                    session_id, namespace=ns, expected_version=version, state=blobs,
+                    written=work.written, window=window, base_turn=base_turn,
                 )
+                runner.committed(work, info, blobs)
+                return info, work
             except ConcurrentUpdateError:
+                runner.abandon(work)
                 attempt += 1
                 if attempt > self.max_retries:
                     raise
@@ -659,9 +625,10 @@ class MemoryEngine:
                 # In append style the call's messages (and reply) follow whatever the other writer added.
                 prep = self._prepare(session_id, ns, all_msgs, all_counts, prep.plan.style, False)
                 if not prep.plan.new and not prep.plan.replayed:
-                    return prep.data.info
-                state, written, _ = self._write_items(prep.state, prep.plan, prep.plan.new, mode)
-                window = self._window(prep.plan.history)
+                    return prep.data.info, TurnWork(work.key, prep, prep.state)
+                work = runner.begin(work.key, prep, None)
+                runner.write_new(work)
+                history = prep.plan.history
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -672,69 +639,13 @@ def _check_mode(mode: str) -> str:
     return mode
 
 
-def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    gc = getattr(model, "generation_config", None)
-    eos = getattr(gc, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif isinstance(eos, list | tuple):
-        ids.update(int(e) for e in eos)
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    return ids
+def _check_style(style: str) -> str:
+    if style not in HISTORY_STYLES:
+        raise ValueError(f"history must be one of {HISTORY_STYLES}, got {style!r}")
+    return style
 
 
-def _fresh_adapter(model: nn.Module) -> DeltaMemModel:
-    # Seeded so that a fresh adapter has the same weights (and fingerprint) in every process: sessions written
-    # with adapter="none" stay loadable after a restart.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return attach(model, DeltaMemConfig())
+def _check_int(name: str, value: Any, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
 
-
-def _attach_adapter(model: nn.Module, adapter: Any) -> DeltaMemModel:
-    if adapter is not None and str(adapter).lower() == "none":
-        return _fresh_adapter(model)
-    if adapter is None:
-        from ..adapter.shipped import shipped_adapter_dir
-
-        shipped = shipped_adapter_dir()
-        if shipped is None:
-            logger.warning("no trained δ-mem adapter is installed; using a fresh, untrained adapter "
-                           "(the state is written but carries little until an adapter is trained)")
-            return _fresh_adapter(model)
-        try:
-            return load_adapter(model, shipped)
-        except AdapterMismatchError as exc:
-            logger.warning("the shipped adapter does not fit this model (%s); using a fresh, untrained adapter", exc)
-            return _fresh_adapter(model)
-    path = Path(adapter).expanduser()
-    if (path / "adapter_config.json").is_file():
-        return load_adapter(model, path)
-    if (path / "delta_mem_config.json").is_file():
-        return import_official_adapter(model, path)
-    raise FileNotFoundError(f"no δ-mem adapter in {path} (expected adapter_config.json or delta_mem_config.json)")
-
-
-def _resolve_model(model: Any, adapter: Any, tokenizer: Any, device: Any, dtype: Any) -> tuple[DeltaMemModel, Any, str]:
-    source = "object"
-    if isinstance(model, tuple):
-        if len(model) != 2:
-            raise ValueError("model as a tuple must be (model, tokenizer)")
-        model, tokenizer = model
-    if model is None or isinstance(model, str | os.PathLike):
-        from ..models import load_base_model
-
-        source = "embedded" if model is None else str(model)
-        model, loaded_tok = load_base_model(model, device=device, dtype=dtype)
-        tokenizer = tokenizer or loaded_tok
-    if tokenizer is None:
-        raise ValueError("a tokenizer is needed: pass (model, tokenizer) or tokenizer=")
-    if isinstance(model, DeltaMemModel):
-        if adapter is not None:
-            raise ValueError("model is already a DeltaMemModel; do not pass adapter=")
-        return model, tokenizer, source
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be None, a path/hub id, a model or (model, tokenizer), got {type(model).__name__}")
-    return _attach_adapter(model, adapter), tokenizer, source

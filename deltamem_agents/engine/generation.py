@@ -56,8 +56,10 @@ def generate(
         return
     logits, _ = runner.forward(state, prompt_tail, cache=cache, writes=False)
     count = 0
+    generated: list[int] = []
     while True:
-        token = sampler(logits)
+        token = sampler(logits, generated)
+        generated.append(token)
         if token in eos_ids:
             yield GenerationEvent(acc.finish(), "stop", count, acc.text)
             return

@@ -18,12 +18,15 @@ class Usage:
             messages included).
         full_context_tokens: tokens a full-context prompt of the whole history (including this turn) would need
             — what windowed mode saves.
+        cached_tokens: tokens of the prompt reused from the session's KV cache of the previous turn (online
+            mode): not run again. ``prompt_tokens - cached_tokens`` is what this turn prefilled.
     """
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     written_tokens: int = 0
     full_context_tokens: int = 0
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -45,6 +48,10 @@ class ChatResult:
         rolled_back_to: the snapshot turn the replay started from (None unless ``replayed``).
         written_messages: number of messages written by this call (new ones, replayed ones and the reply).
         mode: the mode used.
+        kv_cache: online mode: how the turn got its KV context — ``"hot"`` (the previous turn's, in memory),
+            ``"disk"`` (its saved file), ``"rebuilt"`` (re-prefilled from text: a miss), ``"slid"`` (the budget
+            filled: older messages left, the rest was re-prefilled), ``"new"`` (nothing to prefill); ``None`` in
+            the other modes.
     """
 
     text: str
@@ -56,7 +63,8 @@ class ChatResult:
     replayed: bool = False
     rolled_back_to: int | None = None
     written_messages: int = 0
-    mode: str = "windowed"
+    mode: str = "online"
+    kv_cache: str | None = None
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ apart and makes writes idempotent:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..store.base import TurnInfo, WindowMessage, WrittenMessage
@@ -82,7 +82,7 @@ def plan_turn(
     messages: Sequence[Message],
     token_counts: Sequence[int],
     record: Sequence[WrittenMessage],
-    turns: Sequence[TurnInfo],
+    turns: Sequence[TurnInfo] | Callable[[], Sequence[TurnInfo]],
     latest_turn: int,
     stored_window: Sequence[WindowMessage],
 ) -> TurnPlan:
@@ -90,7 +90,8 @@ def plan_turn(
 
     Args:
         messages: the call's validated messages; ``token_counts[i]`` the tokens written for ``messages[i]``.
-        record: the written record up to ``latest_turn``; ``turns`` the kept snapshots (``list_turns``).
+        record: the written record up to ``latest_turn``; ``turns`` the kept snapshots (``list_turns``), or a
+            function giving them: it is called only when the history diverged (one store query saved per turn).
     """
     style = resolve_style(style, record, messages)
     if style == "append":
@@ -108,6 +109,8 @@ def plan_turn(
     if diverged is None:
         return TurnPlan("full", latest_turn, len(record), history, history[len(record) :], None)
     # Latest kept snapshot that holds only messages before the divergence.
+    if callable(turns):
+        turns = turns()
     candidates = [t for t in turns if t.written_count <= diverged]
     if candidates:
         base = max(candidates, key=lambda t: t.turn)

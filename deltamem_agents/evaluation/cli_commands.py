@@ -9,18 +9,20 @@ import argparse
 import logging
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .runner import ARM_NAMES, MEMORY_ARMS
+from .runner import ARM_NAMES, MEMORY_ARMS, WINDOWED_ARMS
 
-__all__ = ["cmd_eval", "register", "resolve_adapter"]
+__all__ = ["EvidenceCounts", "cmd_eval", "evidence_counts", "register", "resolve_adapter"]
 
 log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` sub-command to ``deltamem``'s sub-parsers."""
+    from ..cli import add_threads_argument
     from .tasks import TASK_NAMES
 
     p = subparsers.add_parser(
@@ -50,7 +52,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split for the training-data tasks (synthetic: heldout)")
     p.add_argument("--subtask", type=int, default=None, help="bAbI task number for 'babi'")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA if available)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
     return p
@@ -73,7 +75,68 @@ def resolve_adapter(spec: str) -> tuple[str, Path | None]:
     return "path", path
 
 
+@dataclass(frozen=True)
+class EvidenceCounts:
+    """Where the questions' evidence lies relative to the windowed arms' text window of ``window_tokens``.
+
+    ``suggested_window`` is a window (tokens) that would put at least half the annotated questions' evidence
+    outside it (``None`` when there is none to suggest).
+    """
+
+    window_tokens: int
+    outside: int
+    inside: int
+    unknown: int
+    suggested_window: int | None = None
+
+    @property
+    def total(self) -> int:
+        return self.outside + self.inside + self.unknown
+
+
+def evidence_counts(task: Any, tokenizer: Any, window_tokens: int) -> EvidenceCounts:
+    """Count the examples whose evidence lies outside / inside the window, by the runner's own rule (messages
+    rendered with the chat template; the window holds the most recent whole messages within ``window_tokens``)."""
+    from .prompts import PromptRenderer
+    from .windows import EVIDENCE_OUTSIDE, EVIDENCE_UNKNOWN, evidence_position, window_start
+
+    renderer = PromptRenderer(tokenizer)
+    lengths_of: dict[int, list[int]] = {}  # loaders share one history list among its questions
+    counts = {"outside": 0, "inside": 0, "unknown": 0}
+    limits: list[int] = []  # evidence is outside a window W iff W < the tokens from its last message on
+    for ex in task.examples:
+        if not ex.evidence:
+            counts[EVIDENCE_UNKNOWN] += 1
+            continue
+        lengths = lengths_of.get(id(ex.history))
+        if lengths is None:
+            lengths = lengths_of[id(ex.history)] = [len(i) for i in renderer.history_ids(ex.history)]
+        position = evidence_position(ex.evidence, window_start(lengths, window_tokens))
+        counts[position] += 1
+        limits.append(sum(lengths[max(ex.evidence) :]))
+    suggested = None
+    if limits:
+        half = sorted(limits, reverse=True)[(len(limits) + 1) // 2 - 1] - 1
+        suggested = half if half > 0 else None
+    return EvidenceCounts(window_tokens, counts[EVIDENCE_OUTSIDE], counts["inside"], counts["unknown"], suggested)
+
+
+def _evidence_warning(ev: EvidenceCounts) -> str | None:
+    """A warning when no question's evidence lies outside the window (the memory-vs-window comparison is moot)."""
+    if ev.outside:
+        return None
+    if not ev.inside:
+        return (f"no question has an evidence annotation, so the report cannot tell which answers needed memory "
+                f"beyond the {ev.window_tokens}-token window")
+    hint = f"; try --window-tokens {ev.suggested_window} or less" if ev.suggested_window else ""
+    return (f"no question has its evidence outside the {ev.window_tokens}-token window: the windowed arms see "
+            f"every answer as text, so δ-mem vs window measures nothing{hint}")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from ..cli import apply_threads
+
+    apply_threads(args.threads)  # before the model loads
     import torch
 
     from ..models import load_base_model
@@ -83,10 +146,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .tasks import load_eval_task
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     arms = parse_arms(args.arms)
     kind, adapter_path = resolve_adapter(args.adapter)
+    warnings: list[str] = []
+
+    def warn(text: str) -> None:
+        warnings.append(text)
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
     skipped: list[str] = []
     skip_reason = ""
     wants_memory = any(a in MEMORY_ARMS for a in arms)
@@ -94,7 +161,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         skipped = [a for a in arms if a in MEMORY_ARMS]
         arms = [a for a in arms if a not in MEMORY_ARMS]
         skip_reason = "--adapter none" if kind == "none" else "no shipped adapter is installed"
-        print(f"note: skipping {', '.join(skipped)}: {skip_reason}", file=sys.stderr)
+        advice = "" if kind == "none" else (
+            " (--adapter default); pass --adapter DIR for a trained adapter, or --adapter untrained for a fresh one "
+            "as a control"
+        )
+        warn(f"dropping the requested arm(s) {', '.join(skipped)}: {skip_reason}{advice}")
         if not arms:
             print("error: no arm left to run", file=sys.stderr)
             return 2
@@ -118,6 +189,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             adapter_desc = f"{adapter_path} (fingerprint {adapter_fingerprint(memory)[:12]})"
         memory.eval()
     lm = LanguageModel(model, tokenizer, memory)
+    evidence = None
+    if any(a in WINDOWED_ARMS for a in arms):
+        evidence = evidence_counts(task, tokenizer, args.window_tokens)
+        print(f"evidence: {evidence.outside} of {evidence.total} questions have it outside the "
+              f"{args.window_tokens}-token window ({evidence.inside} inside, {evidence.unknown} unannotated)",
+              file=sys.stderr, flush=True)  # fmt: skip
+        message = _evidence_warning(evidence)
+        if message:
+            warn(message)
     config = EvalConfig(
         window_tokens=args.window_tokens, max_new_tokens=args.max_new_tokens, context_tokens=args.context_tokens,
         bm25_k=args.bm25_k, choice_score=args.choice_score, write_chunk_tokens=args.write_chunk_tokens,
@@ -132,11 +212,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "data": args.data,
         "skipped_arms": skipped,
         "skip_reason": skip_reason,
+        "warnings": warnings,
     }
+    if evidence is not None:
+        meta["evidence_outside_window"] = evidence.outside
     run = evaluate(task, lm, arms, config, meta=meta)
     out = Path(args.out or Path("eval-results") / args.task)
     command = "deltamem eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 else None
     paths = write_report(run, out, command)
     print(paths["md"].read_text())
     print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}")
+    for text in warnings:  # again, below the tables and progress bars, where they are seen
+        print(f"warning: {text}", file=sys.stderr)
     return 0

@@ -106,6 +106,7 @@ def format_markdown(run: EvalRun, summary: dict[str, Any], command: str | None =
     ]
     if meta.get("skipped_arms"):
         lines.append(f"- skipped arms: {', '.join(meta['skipped_arms'])} ({meta.get('skip_reason', '')})")
+    lines += [f"- **warning**: {w}" for w in meta.get("warnings", [])]
     lines.append("")
     header = f"| arm | {unit} | 95% CI | n | prompt tokens / answer |"
     for split, rows in summary["splits"].items():

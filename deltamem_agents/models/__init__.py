@@ -16,6 +16,7 @@ from .embedded import (
     load_embedded_model,
 )
 from .loading import load_base_model
+from .resolve import display_name, eos_token_ids, resolve_model
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -23,8 +24,11 @@ __all__ = [
     "EmbeddedModelSpec",
     "EmbeddedModelUnavailable",
     "cache_dir",
+    "display_name",
     "embedded_model_dir",
+    "eos_token_ids",
     "fetch_embedded_model",
     "load_base_model",
     "load_embedded_model",
+    "resolve_model",
 ]

@@ -26,12 +26,17 @@ def tiny_dm():
 
 @pytest.fixture
 def make_engine(tiny_dm, tokenizer):
-    """``make_engine(store=None, dm=None, **kwargs)`` → a MemoryEngine on the tiny model (in-memory store)."""
-    from deltamem_agents.engine import MemoryEngine
+    """``make_engine(store=None, dm=None, **kwargs)`` → a MemoryEngine on the tiny model (in-memory store).
+
+    Defaults for these logic tests: ``windowed`` mode and greedy decoding (the tests of ``online`` mode and of the
+    sampling defaults ask for them explicitly)."""
+    from deltamem_agents.engine import MemoryEngine, SamplingParams
     from deltamem_agents.store.memory import InMemorySessionStore
 
     def make(store=None, dm=None, **kwargs):
         kwargs.setdefault("window_tokens", 64)
+        kwargs.setdefault("mode", "windowed")
+        kwargs.setdefault("sampling", SamplingParams(temperature=0.0))
         return MemoryEngine((dm or tiny_dm, tokenizer), store=store or InMemorySessionStore(), **kwargs)
 
     return make

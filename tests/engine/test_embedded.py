@@ -14,10 +14,12 @@ pytestmark = pytest.mark.embedded
 
 @pytest.fixture(scope="module")
 def engine(embedded, tmp_path_factory):
-    from deltamem_agents.engine import MemoryEngine
+    from deltamem_agents.engine import MemoryEngine, SamplingParams
 
     path = tmp_path_factory.mktemp("store") / "s.db"
-    eng = MemoryEngine(embedded, adapter="none", store=f"sqlite:///{path}", window_tokens=256)
+    # greedy: these tests compare texts and states across calls (the sampling defaults have their own test)
+    eng = MemoryEngine(embedded, adapter="none", store=f"sqlite:///{path}", window_tokens=256,
+                       sampling=SamplingParams(temperature=0.0))
     yield eng
     eng.close()
     eng.model.detach_adapter()  # the session-scoped embedded model is shared with other tests
@@ -36,6 +38,22 @@ def test_fresh_adapter_gives_base_model_reply(engine, embedded):
     assert r.text == expected
     assert "Paris" in r.text
     assert r.usage.prompt_tokens == ids.shape[1]
+
+
+def test_generation_defaults_do_not_loop_on_the_embedded_model(engine):
+    """Greedy decoding of the embedded model loops on this first message (it ran to the token limit repeating
+    "I'm not a magic spell, but I can certainly help you…"); the engine's defaults (temperature 0.2, top-p 0.9,
+    repetition penalty 1.1 over the generated tokens) end the reply. Seeded, so the test is reproducible."""
+    from deltamem_agents.engine.engine import DEFAULT_SAMPLING
+
+    msgs = [{"role": "user", "content": "Remember: code 4417."}]
+    greedy = engine.chat("loop-greedy", msgs, max_new_tokens=160)
+    assert greedy.finish_reason == "length"  # the loop this default exists for
+    d = DEFAULT_SAMPLING
+    for seed in (0, 1, 2):
+        r = engine.chat(f"loop-default-{seed}", msgs, temperature=d.temperature, top_p=d.top_p,
+                        repetition_penalty=d.repetition_penalty, seed=seed, max_new_tokens=160)
+        assert r.finish_reason == "stop", r.text
 
 
 def test_stream_equals_chat_and_state_roundtrip(engine):
@@ -61,7 +79,7 @@ def test_cli_chat_keeps_memory_across_processes(tmp_path, embedded, capsys):
 
     store = f"sqlite:///{tmp_path}/cli.db"
     chat = [sys.executable, "-m", "deltamem_agents.cli", "chat", "--session", "cli", "--store", store,
-            "--max-new-tokens", "4", "--adapter", "none"]
+            "--max-new-tokens", "4", "--adapter", "none", "--kv-cache-dir", str(tmp_path / "kv"), "-v"]
 
     def sessions(*args):
         capsys.readouterr()
@@ -75,6 +93,7 @@ def test_cli_chat_keeps_memory_across_processes(tmp_path, embedded, capsys):
     # a second process: the REPL reads stdin lines; it loads the stored state (fingerprints must match)
     out = subprocess.run(chat, input="What is my name?\n/exit\n", capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
+    assert "kv cache disk" in out.stderr  # the first process saved its KV cache: the second did not re-prefill
     show = json.loads(sessions("show", "cli", "--json"))
     assert show["turn"] == 2 and show["written_messages"] == 4
     assert [s["session_id"] for s in json.loads(sessions("list", "--json"))] == ["cli"]
