@@ -99,6 +99,7 @@ class TurnMeasure:
     completion_tokens: int = 0
     cached_tokens: int = 0
     kv_cache: str | None = None
+    checkpoint: int | None = None  # windowed / full context: the checkpoint this turn was timed for
 
 def _full_context_turn(engine, history, question, new_tokens: int) -> tuple[int, float, float]:
     tok = engine.tokenizer
@@ -192,12 +193,12 @@ def run_conversation_benchmark(
                 res, latency, peak = _timed_chat(engine, session, history + [_QUESTION], mode="windowed",
                                                  history="full", max_new_tokens=new_tokens)
                 results.append(TurnMeasure(hist_tokens, "windowed", res.usage.prompt_tokens, latency, peak,
-                                           res.usage.completion_tokens))
+                                           res.usage.completion_tokens, checkpoint=target))
                 engine.rollback(session, res.turn - 1)  # undo the question + reply so every checkpoint is alike
                 line += f" | windowed {latency:6.2f} s"
             if "full-context" in arms and (full_context_max is None or hist_tokens <= full_context_max):
                 p, lat, peak = _full_context_turn(engine, history, _QUESTION, new_tokens)
-                results.append(TurnMeasure(hist_tokens, "full-context", p, lat, peak, new_tokens))
+                results.append(TurnMeasure(hist_tokens, "full-context", p, lat, peak, new_tokens, checkpoint=target))
                 line += f" | full {lat:6.2f} s"
         if progress:
             print(line, flush=True)
@@ -235,7 +236,7 @@ def summarize(results: list[TurnMeasure], checkpoints: tuple[int, ...] = DEFAULT
             row["online-reprefills"] = [{"history_tokens": r.history_tokens, "latency_s": r.latency_s,
                                          "prompt_tokens": r.prompt_tokens} for r in slides]
         for arm in ("windowed", "full-context"):
-            rs = [r for r in results if r.arm == arm and _bucket(r.history_tokens, checkpoints) == c]
+            rs = [r for r in results if r.arm == arm and r.checkpoint == c]
             if rs:
                 row[arm] = {
                     "history_tokens": rs[0].history_tokens,

@@ -241,8 +241,10 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         if args.verbose:
             import torch
 
-            print(f"[model {getattr(engine, 'model_name', '?')} | mode {args.mode} | window {args.window_tokens} "
-                  f"tokens | torch threads {torch.get_num_threads()}]", file=sys.stderr)
+            budget = (f"KV budget {engine.kv_tokens} tokens" if args.mode == "online"
+                      else f"window {args.window_tokens} tokens")
+            print(f"[model {getattr(engine, 'model_name', '?')} | mode {args.mode} | {budget} | torch threads "
+                  f"{torch.get_num_threads()}]", file=sys.stderr)
         options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        repetition_penalty=args.repetition_penalty, seed=args.seed, history="append")
         if args.system:

@@ -45,7 +45,7 @@ from ..store.base import (
     validate_identifier,
 )
 from .batching import ModelRunner
-from .errors import FingerprintMismatchError, InvalidMessageError
+from .errors import FingerprintMismatchError, InvalidMessageError, MessageTooLongError
 from .generation import generate
 from .kv_files import KVCacheFiles
 from .kv_pool import KVCachePool, KVCacheStats
@@ -490,7 +490,7 @@ class MemoryEngine:
         for i, m in enumerate(msgs):
             n = len(self.renderer.message_ids(m))
             if n > self.max_message_tokens:
-                raise InvalidMessageError(
+                raise MessageTooLongError(
                     f"message {i} has {n} tokens, more than max_message_tokens={self.max_message_tokens}"
                 )
             counts.append(n)

@@ -12,6 +12,7 @@ __all__ = [
     "FingerprintMismatchError",
     "InvalidMessageError",
     "InvalidStateError",
+    "MessageTooLongError",
     "PortableFormatError",
     "SessionExistsError",
     "SessionNotFoundError",
@@ -24,6 +25,10 @@ class EngineError(Exception):
 
 class InvalidMessageError(EngineError, ValueError):
     """A message the engine refuses: unknown role, empty content, too many tokens, malformed object."""
+
+
+class MessageTooLongError(InvalidMessageError):
+    """A message over the engine's ``max_message_tokens`` (as rendered)."""
 
 
 class ContextLengthError(InvalidMessageError):

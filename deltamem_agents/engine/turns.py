@@ -37,7 +37,7 @@ from .kv_pool import HotContext, KVCachePool, state_digest
 from .rendering import ChatRenderer
 from .sampling import SamplingParams
 from .session import TurnPlan
-from .window import HistoryItem, select_window
+from .window import HistoryItem, pinned_system, select_window
 
 __all__ = [
     "GenOptions",
@@ -48,19 +48,12 @@ __all__ = [
     "TurnMode",
     "TurnWork",
     "WindowedTurns",
-    "pinned_system",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Tokens kept free beyond what a turn is known to need (template tokens around a re-rendered reply).
 _MARGIN = 16
-
-
-def pinned_system(items: Sequence[HistoryItem]) -> list[HistoryItem]:
-    """``[items[0]]`` when it is the conversation's system message (index 0), else ``[]``: the instructions of a
-    conversation never scroll out of a prompt."""
-    return [items[0]] if items and items[0].index == 0 and items[0].message.role == "system" else []
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .messages import Message
 
-__all__ = ["HistoryItem", "select_window"]
+__all__ = ["HistoryItem", "pinned_system", "select_window"]
 
 
 @dataclass(frozen=True)
@@ -24,15 +24,19 @@ class HistoryItem:
     tokens: int
 
 
+def pinned_system(items: Sequence[HistoryItem]) -> list[HistoryItem]:
+    """``[items[0]]`` when it is the conversation's system message (index 0), else ``[]``: the instructions of a
+    conversation never scroll out of a prompt (every mode's prompt and the online KV cache use this rule)."""
+    return [items[0]] if items and items[0].index == 0 and items[0].message.role == "system" else []
+
+
 def select_window(items: Sequence[HistoryItem], budget: int, *, keep_last: int = 0) -> list[HistoryItem]:
     """The pinned system message (if ``items[0]`` is one, index 0) plus the most recent messages whose tokens
     add up to at most ``budget``; the last ``keep_last`` items are kept whatever their size."""
     if not items:
         return []
-    pinned: list[HistoryItem] = []
-    rest = list(items)
-    if rest[0].index == 0 and rest[0].message.role == "system":
-        pinned, rest = [rest[0]], rest[1:]
+    pinned = pinned_system(items)
+    rest = list(items[len(pinned) :])
     kept: list[HistoryItem] = []
     used = 0
     for pos, item in enumerate(reversed(rest)):

@@ -704,7 +704,9 @@ def load_embedded_model(
     }
     if device is not None and torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": torch.device(device)}
-    with _transformers_progress(progress):
+    # Loading the converted local copy takes about a second: no "Loading weights" bar for users (the fetch and
+    # the one-time conversion above keep theirs).
+    with _transformers_progress(False):
         model = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model.eval()

@@ -30,8 +30,9 @@ def test_summary_buckets_amortises_and_ratios():
         T(0, "online", 300, 1.0, 5.0, kv_cache="new"), T(600, "online", 900, 1.2, 6.0, kv_cache="hot"),
         T(1100, "online", 1400, 1.1, 6.0, kv_cache="hot"), T(1500, "online", 700, 4.0, 9.0, kv_cache="slid"),
         T(1900, "online", 1000, 1.3, 7.0, kv_cache="hot"),
-        T(1000, "windowed", 900, 1.0, 10.0), T(1000, "full-context", 1000, 2.0, 50.0),
-        T(2000, "windowed", 900, 1.05, 11.0), T(2000, "full-context", 2000, 8.0, 200.0),
+        T(1030, "windowed", 900, 1.0, 10.0, checkpoint=1024), T(1030, "full-context", 1000, 2.0, 50.0, checkpoint=1024),
+        T(2050, "windowed", 900, 1.05, 11.0, checkpoint=2048),
+        T(2050, "full-context", 2000, 8.0, 200.0, checkpoint=2048),
     ]
     rows = summarize(turns, (1024, 2048))
     assert [r["checkpoint"] for r in rows] == [1024, 2048]
