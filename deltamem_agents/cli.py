@@ -205,6 +205,7 @@ _PLUGIN_MODULES = {
     "deltamem_agents.engine.cli_commands": ("chat", "sessions"),
     "deltamem_agents.training.cli_commands": ("train",),
     "deltamem_agents.evaluation.cli_commands": ("eval",),
+    "deltamem_agents.server.cli_commands": ("serve", "keys"),
 }
 _BUILTIN_COMMANDS = ("model", "bench", "db")
 

@@ -1,0 +1,225 @@
+"""``POST /v1/chat/completions`` and ``POST /v1/completions``: one engine turn each, streamed or not.
+
+* Chat completions send the request's messages as the **whole** conversation (``history="full"``): clients
+  resend their history every call, the engine skips what the session already holds (and replays after an
+  edit). The ``history: "append"`` extension says the messages only follow what the session holds.
+* Completions send ``prompt`` as one user message: to a throwaway session, or appended to the named session
+  (``history="append"``, since the prompt is a new turn and not a resent conversation).
+
+The turn runs off the event loop (``engine.achat`` / ``engine.astream`` use worker threads) inside an admission
+ticket (:mod:`.limits`). Response headers: ``X-Session-ID`` and, when not streamed, ``X-Session-Version`` (the
+version after the turn; a streamed response has sent its headers before the turn ends, so its last chunk's
+``deltamem`` object carries it). A throwaway session has neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from . import bodies
+from .errors import engine_errors
+from .schemas import ChatCompletionRequest, CompletionRequest
+from .session_choice import SessionChoice, choose_session, new_throwaway_id
+from .state import ServerState, TenantDep, server_state
+from .streaming import OpenStream, SSEResponse, sse_events
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+SESSION_HEADER = "X-Session-ID"
+VERSION_HEADER = "X-Session-Version"
+
+
+@dataclass
+class Turn:
+    """One engine call: which engine (the real one, or the throwaway twin), session, messages and options."""
+
+    state: ServerState
+    choice: SessionChoice
+    namespace: str
+    messages: list[dict[str, Any]]
+    options: dict[str, Any]
+    history: str
+    route: str
+    engine: Any = None
+    session_id: str = ""
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        if self.choice.throwaway:
+            self.engine, self.session_id = self.state.throwaway, new_throwaway_id()
+        else:
+            self.engine, self.session_id = self.state.engine, str(self.choice.session_id)
+
+    @property
+    def visible_id(self) -> str | None:
+        """The id the client may use again (``None``: throwaway)."""
+        return None if self.choice.throwaway else self.session_id
+
+    def kwargs(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "history": self.history, **self.options}
+
+    def headers(self, version: int | None = None) -> dict[str, str]:
+        if self.choice.throwaway:
+            return {}
+        out = {SESSION_HEADER: self.session_id}
+        if version is not None:
+            out[VERSION_HEADER] = str(version)
+        return out
+
+    async def version(self) -> int | None:
+        """The session's version after the turn (``None`` when it is a throwaway or already gone)."""
+        if self.choice.throwaway:
+            return None
+        try:
+            info = await asyncio.to_thread(self.engine.get_session, self.session_id, namespace=self.namespace)
+        except Exception:  # noqa: BLE001 - deleted meanwhile: the turn itself succeeded
+            return None
+        return info.version
+
+    async def discard(self) -> None:
+        """Delete a throwaway session from the private store (it may not exist: an early error)."""
+        if not self.choice.throwaway:
+            return
+
+        def delete() -> None:
+            with contextlib.suppress(Exception):
+                self.engine.delete(self.session_id, namespace=self.namespace)
+
+        # A thread of its own, not awaited under cancellation: the delete waits for the session's lock, which
+        # the engine's worker holds until it noticed a closed stream.
+        await asyncio.shield(asyncio.to_thread(delete))
+
+    async def finish(self, result: Any) -> dict[str, Any]:
+        """After the commit: count tokens, read the version, build the ``deltamem`` extension."""
+        self.state.metrics.observe_usage(result.usage)
+        version = await self.version()
+        return bodies.deltamem_extension(result, self.visible_id, version)
+
+    async def run(self) -> tuple[Any, dict[str, Any]]:
+        """The whole turn, not streamed: ``(ChatResult, extension)``."""
+        ticket = self.state.limiter.admit()
+        try:
+            await ticket.start()
+            with engine_errors():
+                result = await self.engine.achat(self.session_id, self.messages, **self.kwargs())
+        finally:
+            ticket.release()
+            await self.discard()
+        return result, await self.finish(result)
+
+    async def open_stream(self) -> OpenStream:
+        """Start a streamed turn and wait for its first chunk (errors before it are still HTTP statuses)."""
+        ticket = self.state.limiter.admit()
+        stream = None
+
+        async def release() -> None:
+            ticket.release()
+            await self.discard()
+
+        try:
+            await ticket.start()
+            with engine_errors():
+                stream = self.engine.astream(self.session_id, self.messages, **self.kwargs())
+                first = await stream.__anext__()
+        except BaseException:
+            if stream is not None:
+                with contextlib.suppress(Exception):
+                    await stream.aclose()
+            await release()
+            raise
+        self.state.metrics.first_token.labels(self.route).observe(time.perf_counter() - self.started)
+        return OpenStream(stream, first, release)
+
+
+def _model_name(state: ServerState) -> str:
+    return state.engine.model_name
+
+
+def _ids(state: ServerState, prefix: str) -> bodies.CallIds:
+    return bodies.CallIds.new(prefix, _model_name(state), state.engine.fingerprints["adapter"])
+
+
+# ---------------------------------------------------------------------------------------------- chat
+class _ChatFormat:
+    def __init__(self, ids: bodies.CallIds, include_usage: bool) -> None:
+        self.ids, self.include_usage = ids, include_usage
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [bodies.chat_chunk(self.ids, {"role": "assistant", "content": ""}, include_usage=self.include_usage)]
+
+    def content(self, text: str) -> dict[str, Any]:
+        return bodies.chat_chunk(self.ids, {"content": text}, include_usage=self.include_usage)
+
+    def closing(self, text: str, finish_reason: str, result: Any, extension: dict[str, Any]) -> list[dict[str, Any]]:
+        delta = {"content": text} if text else {}
+        events = [bodies.chat_chunk(self.ids, delta, finish_reason, include_usage=self.include_usage,
+                                    extension=extension)]
+        if self.include_usage:
+            events.append(bodies.chat_chunk(self.ids, None, include_usage=True, usage=result.usage))
+        return events
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           tenant: TenantDep) -> Response:
+    state = server_state(request)
+    choice = choose_session(request.headers.get(SESSION_HEADER), body.session_id, body.conversation_id)
+    turn = Turn(state, choice, tenant.namespace, body.engine_messages(), body.engine_options(), body.history,
+                "/v1/chat/completions")
+    ids = _ids(state, "chatcmpl")
+    if body.stream:
+        handle = await turn.open_stream()
+        events = sse_events(handle, _ChatFormat(ids, body.include_usage), turn.finish)
+        return SSEResponse(events, handle, headers=turn.headers())
+    result, extension = await turn.run()
+    return JSONResponse(bodies.chat_completion_body(ids, result, extension),
+                        headers=turn.headers(extension["session_version"]))
+
+
+# ---------------------------------------------------------------------------------------------- completions
+class _CompletionFormat:
+    def __init__(self, ids: bodies.CallIds, include_usage: bool, echo: str | None) -> None:
+        self.ids, self.include_usage, self.echo = ids, include_usage, echo
+
+    def opening(self) -> list[dict[str, Any]]:
+        if not self.echo:
+            return []
+        return [bodies.completion_chunk(self.ids, self.echo, include_usage=self.include_usage)]
+
+    def content(self, text: str) -> dict[str, Any]:
+        return bodies.completion_chunk(self.ids, text, include_usage=self.include_usage)
+
+    def closing(self, text: str, finish_reason: str, result: Any, extension: dict[str, Any]) -> list[dict[str, Any]]:
+        events = [bodies.completion_chunk(self.ids, text, finish_reason, include_usage=self.include_usage,
+                                          extension=extension)]
+        if self.include_usage:
+            events.append(bodies.completion_chunk(self.ids, None, include_usage=True, usage=result.usage))
+        return events
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request,
+                      tenant: TenantDep) -> Response:
+    state = server_state(request)
+    choice = choose_session(request.headers.get(SESSION_HEADER), body.session_id, body.conversation_id)
+    prompt = body.prompt_text
+    turn = Turn(state, choice, tenant.namespace, [{"role": "user", "content": prompt}], body.engine_options(),
+                "append", "/v1/completions")
+    ids = _ids(state, "cmpl")
+    if body.stream:
+        handle = await turn.open_stream()
+        fmt = _CompletionFormat(ids, body.include_usage, prompt if body.echo else None)
+        return SSEResponse(sse_events(handle, fmt, turn.finish), handle, headers=turn.headers())
+    result, extension = await turn.run()
+    text = (prompt + result.text) if body.echo else result.text
+    return JSONResponse(bodies.completion_body(ids, text, result, extension),
+                        headers=turn.headers(extension["session_version"]))

@@ -1,0 +1,105 @@
+"""`ServerSettings`: every option of ``deltamem serve``, from ``DELTAMEM_*`` environment variables and flags.
+
+Precedence: command-line flags (passed as keyword arguments) over environment variables over the defaults here.
+The names follow the engine's options (``docs/engine.md``) where they are the engine's.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ..store.base import validate_identifier
+
+__all__ = ["ServerSettings"]
+
+#: Requests running in the engine at once unless ``max_concurrency`` says otherwise.
+DEFAULT_CONCURRENCY = 4
+
+LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+
+
+class ServerSettings(BaseSettings):
+    """Options of the OpenAI-compatible server (``deltamem serve``; environment: ``DELTAMEM_<NAME>``).
+
+    Attributes:
+        host, port: where to listen. Without API keys the server only binds a loopback host.
+        store: session store URL (SQLite file or ``postgresql://``); API keys live in the same database.
+            ``None``: the SQLite file in the deltamem cache dir.
+        model, adapter: as :class:`~deltamem_agents.engine.MemoryEngine` (``None``: the embedded model and the
+            shipped adapter).
+        mode, window_tokens, kv_tokens, kv_cache_bytes, kv_cache_dir, max_message_tokens, max_new_tokens: the
+            engine's options (``max_new_tokens`` is the default answer length when a request names none).
+        threads: torch CPU threads (``None``: half the CPUs, 1-4, as every ``deltamem`` command).
+        namespace: the namespace of local single-user mode (no API keys); keys carry their own.
+        max_queue: requests admitted to the model at once, running plus waiting; one more gets 503.
+        max_concurrency: of those, how many run in the engine at the same time (the rest wait in order);
+            ``None``: ``min(4, max_queue)``. Forward calls of different sessions interleave on one model lock
+            anyway, so more only helps while sessions load, commit or wait for a slow client.
+        retry_after_s: the ``Retry-After`` header of a 503.
+        max_import_bytes: largest session file ``POST /v1/sessions/import`` accepts (413 beyond).
+        require_keys: refuse requests without a valid key even while no key exists (no local mode).
+        log_level: uvicorn's and the server's log level.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="DELTAMEM_", extra="ignore", validate_default=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    store: str | None = None
+    model: str | None = None
+    adapter: str | None = None
+    mode: Literal["online", "windowed", "state-only"] = "online"
+    threads: int | None = Field(None, ge=0)
+    namespace: str = "default"
+    window_tokens: int = Field(1024, ge=0)
+    kv_tokens: int | None = Field(None, ge=64)
+    kv_cache_bytes: int = Field(2 * 1024**3, ge=0)
+    kv_cache_dir: str | None = None
+    max_message_tokens: int = Field(8192, ge=1)
+    max_new_tokens: int = Field(512, ge=0)
+    max_queue: int = Field(64, ge=1)
+    max_concurrency: int | None = Field(None, ge=1)
+    retry_after_s: int = Field(1, ge=0)
+    max_import_bytes: int = Field(64 * 1024**2, ge=1)
+    require_keys: bool = False
+    log_level: LogLevel = "info"
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_is_an_identifier(cls, value: str) -> str:
+        return validate_identifier(value, "namespace")
+
+    @field_validator("store", "model", "adapter", "kv_cache_dir", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        # An empty environment variable (DELTAMEM_STORE=) means "the default", not a path named "".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("kv_cache_dir")
+    @classmethod
+    def _none_word(cls, value: str | None) -> str | None:
+        return None if value is not None and value.lower() == "none" else value
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode_alias(cls, value: object) -> object:
+        return "state-only" if value in ("state_only", "stateonly") else value
+
+    @field_validator("host")
+    @classmethod
+    def _host_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("host must not be empty")
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerSettings:
+        if self.max_concurrency is None:
+            self.max_concurrency = min(DEFAULT_CONCURRENCY, self.max_queue)
+        elif self.max_concurrency > self.max_queue:
+            # more could never run than are admitted; say so rather than silently capping
+            raise ValueError(f"max_concurrency ({self.max_concurrency}) must be <= max_queue ({self.max_queue})")
+        return self
