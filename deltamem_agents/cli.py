@@ -275,6 +275,11 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                        help="store URL (repeatable; default: a temporary SQLite file, plus $DELTAMEM_TEST_POSTGRES_URL)")
     store.add_argument("--rounds", type=int, default=200)
     store.set_defaults(func=_cmd_bench_store)
+    from .benchmarks import server_load  # stdlib only at import; httpx when it runs
+
+    srv = bench.add_parser("server", help="load test of a running `deltamem serve`: latency, tokens/s, consistency")
+    server_load.add_arguments(srv)
+    srv.set_defaults(func=server_load.run_args)
 
     db = sub.add_parser("db", help="the session database").add_subparsers(dest="action", required=True)
     upgrade = db.add_parser("upgrade", help="apply the shipped schema migrations (idempotent)")

@@ -115,6 +115,28 @@ class WorkerServer:
             self.log.close()
 
 
+def test_settings_travel_to_workers_by_environment(monkeypatch):
+    """What ``--workers`` hands each worker process (``DELTAMEM_*``) reads back as the same settings."""
+    from deltamem_agents.server import ServerSettings
+    from deltamem_agents.server.serve import settings_to_env
+
+    for name in list(os.environ):
+        if name.startswith("DELTAMEM_"):
+            monkeypatch.delenv(name)
+    settings = ServerSettings(port=9123, store="postgresql://u@h/db", mode="windowed", max_queue=7,
+                              max_concurrency=3, require_keys=True, threads=1, namespace="team-a")
+    for name, value in settings_to_env(settings).items():
+        monkeypatch.setenv(name, value)
+    assert ServerSettings() == settings
+
+
+def test_workers_must_be_positive(capsys):
+    from deltamem_agents.cli import main
+
+    assert main(["serve", "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def pg_database():
     """A fresh database on the PostgreSQL server (dropped afterwards): ``(url, name)``."""
@@ -217,3 +239,17 @@ def test_different_sessions_run_concurrently(workers):
         check_record(store_url, session, [(text, body) for text, _, body, _ in rs])
         info = httpx.get(f"{server.url}/v1/sessions/{session}", timeout=30).json()
         assert info["turn"] == 3 and info["version"] == 4, info
+
+
+def test_load_script_on_two_workers(workers):
+    """The load test (``deltamem_agents.benchmarks.server_load``), small: every session consistent, no error."""
+    import asyncio
+
+    from deltamem_agents.benchmarks.server_load import format_report, run_load
+
+    server, _ = workers
+    result = asyncio.run(run_load(server.url, sessions=3, turns=3, concurrency=3, max_tokens=4, wait_s=5))
+    print(format_report(result))
+    assert result.requests == result.ok == 9 and not result.errors, result
+    assert result.consistent_sessions == 3 and not result.inconsistent, result.inconsistent
+    assert result.p50_ms <= result.p99_ms and result.completion_tokens > 0
