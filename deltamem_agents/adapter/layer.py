@@ -68,6 +68,9 @@ class DeltaMemLayer(nn.Module):
         decoupled = config.update_rule == "decoupled"
         self.lambda_proj = nn.Parameter(torch.empty(gates, hidden_size)) if decoupled else None
         self.lambda_bias = nn.Parameter(torch.empty(gates)) if decoupled else None
+        #: the compiled CPU kernel's rule code, or None when it does not cover this layer (decided once: the
+        #: decode hot path reads it per layer and token)
+        self.kernel_rule = None if self.wide else cpu_fused.kernel_rule(config.update_rule, config.state_update_mode)
 
     @torch.no_grad()
     def reset_parameters(self, q_weight: Tensor | None = None, o_weight: Tensor | None = None,
@@ -132,13 +135,6 @@ class DeltaMemLayer(nn.Module):
         if not self.config.normalize_qk:
             return qk
         return F.normalize(torch.tanh(qk), dim=-1, eps=L2_EPS)
-
-    @property
-    def kernel_rule(self) -> int | None:
-        """The compiled CPU kernel's rule code for this layer, or None when the kernel does not cover it."""
-        if self.wide:
-            return None
-        return cpu_fused.kernel_rule(self.config.update_rule, self.config.state_update_mode)
 
     def split(self, p: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Raw projections ``(B, T, 4·N·r)`` → ``q, k, v, β`` each ``(B, T, N, r)``.

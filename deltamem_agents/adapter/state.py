@@ -1,9 +1,10 @@
 """`DeltaMemState`: the per-sequence memory of a δ-mem model (what a session persists).
 
 The memory is kilobytes: for every wrapped layer a tensor of shape ``(B, N, r, r)`` (float32 whatever the model
-dtype, so long conversations do not drift in bf16). Sequence-state write (SSW) additionally keeps, per layer, the
-running sum of the memory projections of the message that is still open, and per row its token count and id: a
-message is written once, when the next message starts, so a message split across calls still gets one write.
+dtype, so long conversations do not drift in bf16; float64 for a float64 model). Sequence-state write (SSW, our
+semantics) additionally keeps, per layer, the running sum of the memory projections of the message that is still
+open, and per row its token count and id: a message is written once, when the next message starts, so a message
+split across calls still gets one write.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class DeltaMemState:
     """Memory state of a batch of sequences.
 
     Attributes:
-        memory: one tensor per wrapped layer, shape ``(B, N, r, r)``, float32.
+        memory: one tensor per wrapped layer, shape ``(B, N, r, r)``, float32 (or float64).
         pending_sum: SSW only; per layer ``(B, 4·N·r)``, sum of the memory projections of the open message.
         pending_count: SSW only; ``(B,)`` float32, number of tokens in the open message.
         last_segment: SSW only; ``(B,)`` int64, id of the open message (``-1``: none).
