@@ -9,6 +9,16 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+__all__ = [
+    "THREADS_ENV",
+    "HelpFormatter",
+    "add_threads_argument",
+    "apply_threads",
+    "build_parser",
+    "default_threads",
+    "main",
+]
+
 #: Environment variable overriding the default of every ``--threads``.
 THREADS_ENV = "DELTAMEM_THREADS"
 _warned_env: set[str] = set()

@@ -33,6 +33,21 @@ from .collate import encode_context, encode_prompt_answer, pad_read, pad_write
 from .config import DEFAULT_SYSTEM_PROMPT
 from .examples import MemoryExample
 
+__all__ = [
+    "GENERAL_QA",
+    "MODES",
+    "choice_accuracy",
+    "general_ability",
+    "generate_answers",
+    "main",
+    "plot_recall_curve",
+    "probe_memory",
+    "recall_curve",
+    "score_rows",
+    "summarize",
+    "write_histories",
+]
+
 MODES = ("state", "none", "context")
 
 #: Short general questions with reference answers (general-ability check; no history).

@@ -41,6 +41,20 @@ from .data import curriculum_level, load_task, synthetic_group
 from .examples import MemoryExample
 from .gates import WriteGateRecorder, steering_disabled
 
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "LOG_NAME",
+    "ContextStream",
+    "Group",
+    "LossParts",
+    "Trainer",
+    "answer_cross_entropy",
+    "build_model",
+    "latest_checkpoint",
+    "plot_loss",
+    "train",
+]
+
 CHECKPOINT_PREFIX = "step_"
 LOG_NAME = "train_log.jsonl"
 
