@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..files import atomic_write
 from .config import DeltaMemConfig
 from .model import DeltaMemModel, attach
 
@@ -101,8 +100,10 @@ def save_adapter(model: DeltaMemModel, directory: str | Path, **extra_metadata: 
         "adapter_fingerprint": tensors_fingerprint(tensors, model.config),
         **extra_metadata,
     }
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    # Each file is replaced atomically; the config (written last) names the weights' fingerprint, so a crash
+    # between the two leaves a pair that load_adapter refuses rather than a silently mixed adapter.
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
     return directory
 
 
@@ -138,10 +139,10 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: str = "
             "adapter was trained for another architecture: "
             + ", ".join(f"{k}={saved_ident[k]!r} (model has {ident.get(k)!r})" for k in diffs)
         )
-    dm = attach(model, config)
     tensors = load_file(str(directory / WEIGHTS_NAME))
-    if tensors_fingerprint(tensors, config) != meta.get("adapter_fingerprint"):
+    if tensors_fingerprint(tensors, config) != meta.get("adapter_fingerprint"):  # checked before the model changes
         raise AdapterMismatchError(f"{directory / WEIGHTS_NAME} does not match the fingerprint in its config (corrupt or edited)")
+    dm = attach(model, config)
     dm.load_adapter_state_dict(tensors)
     if check_base != "ignore" and meta.get("base_model_fingerprint") != base_model_fingerprint(model):
         msg = (
@@ -155,14 +156,3 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: str = "
 
         logging.getLogger(__name__).warning(msg)
     return dm
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -141,5 +141,10 @@ def test_load_refuses_another_base_model_and_corrupt_files(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
+    model = tiny_model("llama")
     with pytest.raises(AdapterMismatchError, match="fingerprint"):
-        load_adapter(tiny_model("llama"), tmp_path)
+        load_adapter(model, tmp_path)
+    # the refused load left the model as it was: no adapter attached, no projection intercepted
+    assert not hasattr(model, "delta_layers") and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    # save_adapter writes through temporaries: nothing but the two files is left in the directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
