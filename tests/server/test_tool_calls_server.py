@@ -203,3 +203,93 @@ def test_langchain_bind_tools_round_trip(tool_live, monkeypatch, turns):
     assert merged.content == "Let me look."
     assert [c["name"] for c in merged.tool_calls] == ["get_weather", "get_weather"]
     assert turns[2].replayed is False
+
+
+def test_llama_index_openai_like_tool_round_trip(tool_live, monkeypatch, turns):
+    pytest.importorskip("llama_index.llms.openai_like", reason="pip install llama-index-llms-openai-like")
+    from llama_index.core.llms import ChatMessage, MessageRole
+    from llama_index.core.tools import FunctionTool
+    from llama_index.llms.openai_like import OpenAILike
+
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        return f"sunny in {city}"
+
+    script_replies(monkeypatch, [CALL, "It is sunny."])
+    tool = FunctionTool.from_defaults(fn=get_weather)
+    llm = OpenAILike(model="tiny", api_base=f"{tool_live.url}/v1", api_key="local", is_chat_model=True,
+                     is_function_calling_model=True, context_window=512, max_tokens=12, temperature=0,
+                     max_retries=0, timeout=60, default_headers={"X-Session-ID": _sid("li-tools")})
+    history = [ChatMessage(role=MessageRole.USER, content="Weather in Paris?")]
+    first = llm.chat_with_tools([tool], chat_history=history)
+    (selection,) = llm.get_tool_calls_from_response(first)
+    assert (selection.tool_name, selection.tool_kwargs) == ("get_weather", {"city": "Paris"})
+    assert first.message.content == "Checking."
+
+    history += [first.message, ChatMessage(role=MessageRole.TOOL, content=get_weather(**selection.tool_kwargs),
+                                           additional_kwargs={"tool_call_id": selection.tool_id})]
+    second = llm.chat_with_tools([tool], chat_history=history)
+    assert second.message.content == "It is sunny."
+    assert llm.get_tool_calls_from_response(second, error_on_no_tool_call=False) == []
+    assert turns[1].replayed is False and turns[1].kv_cache == "hot"  # LlamaIndex's resent call was recognised
+
+
+# ---------------------------------------------------------------------------------------------- Responses API
+RESPONSE_TOOLS = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+                   "parameters": t["function"]["parameters"]} for t in TOOLS]
+
+
+def test_responses_function_calls_and_outputs(tool_live, monkeypatch, turns):
+    script_replies(monkeypatch, [CALL, "It is sunny."])
+    client = tool_live.client()
+    r = client.responses.create(model="m", input="Weather in Paris?", tools=RESPONSE_TOOLS, max_output_tokens=12)
+    message, call = r.output
+    assert message.type == "message" and r.output_text == "Checking."
+    assert call.type == "function_call" and call.status == "completed" and call.id.startswith("fc_")
+    assert call.call_id.startswith("call_") and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"}
+    assert [t.name for t in r.tools] == ["get_weather", "add"]
+    assert client.responses.retrieve(r.id).output[1].call_id == call.call_id  # stored as returned
+
+    r2 = client.responses.create(model="m", previous_response_id=r.id, tools=RESPONSE_TOOLS, max_output_tokens=12,
+                                 input=[{"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}])
+    assert r2.output_text == "It is sunny." and [o.type for o in r2.output] == ["message"]
+    assert r2.deltamem["turn"] == 2 and r2.deltamem["kv_cache"] == "hot" and not r2.deltamem["replayed"]
+    assert turns[1].written_messages == 2  # the tool output and the answer
+
+
+def test_responses_streamed_function_calls(tool_live, monkeypatch):
+    script_replies(monkeypatch, ['<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>\n'
+                                 '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>'])
+    events = list(tool_live.client().responses.create(model="m", input="2+3, and Oslo?", tools=RESPONSE_TOOLS,
+                                                      max_output_tokens=12, stream=True))
+    types = [e.type for e in events]
+    assert "response.output_text.delta" not in types and "response.content_part.added" not in types  # only calls
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    added = [e.item for e in events if e.type == "response.output_item.added"]
+    assert [(i.type, i.name, i.arguments, i.status) for i in added] == [
+        ("function_call", "add", "", "in_progress"), ("function_call", "get_weather", "", "in_progress")]
+    args = {e.output_index: e.arguments for e in events if e.type == "response.function_call_arguments.done"}
+    deltas = {e.output_index: e.delta for e in events if e.type == "response.function_call_arguments.delta"}
+    assert args == deltas and json.loads(args[0]) == {"a": 2, "b": 3} and json.loads(args[1]) == {"city": "Oslo"}
+    final = events[-1]
+    assert final.type == "response.completed"
+    assert [(o.type, o.name) for o in final.response.output] == [("function_call", "add"), ("function_call", "get_weather")]
+    done = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [d.id for d in done] == [o.id for o in final.response.output] == [a.id for a in added]
+
+
+def test_responses_refuse_other_tools_and_orphan_outputs(tool_live):
+    import httpx
+
+    with httpx.Client(base_url=tool_live.url, timeout=60) as http:
+        web = http.post("/v1/responses", json={"input": "hi", "tools": [{"type": "web_search"}]})
+        orphan = http.post("/v1/responses", json={"input": [
+            {"role": "user", "content": "hi"}, {"type": "function_call_output", "call_id": "call_x", "output": "1"}]})
+        answered = http.post("/v1/responses", json={"max_output_tokens": 2, "input": [
+            {"role": "user", "content": "hi"},
+            {"type": "function_call", "call_id": "call_x", "name": "add", "arguments": "{\"a\": 1}"},
+            {"type": "function_call_output", "call_id": "call_x", "output": "1"}]})
+    assert web.status_code == 422 and "function tools" in web.json()["error"]["message"]
+    assert orphan.status_code == 422 and orphan.json()["error"]["param"] == "input"
+    assert answered.status_code == 200, answered.text
