@@ -42,7 +42,8 @@ class ChatResult:
     Attributes:
         text: the reply as generated (stop strings cut off), tool calls included as the model wrote them.
         finish_reason: ``"stop"`` (EOS or a stop string), ``"length"`` (``max_new_tokens`` reached) or
-            ``"tool_calls"`` (the reply ended with tool calls).
+            ``"tool_calls"`` (the reply holds tool calls and ended by itself; a reply cut at ``max_new_tokens``
+            stays ``"length"``).
         usage: token counts.
         session_id, namespace: the session.
         turn: the session's turn after this call (the snapshot that holds the reply).
