@@ -2,7 +2,7 @@
 
 A model asks for a tool in the format its chat template taught it. Two formats are understood:
 
-* :class:`HermesFormat` (Hermes, Qwen2.5, Qwen3, QwQ, SmolLM3): each call is a JSON object
+* :class:`HermesFormat` (Hermes, Qwen2.5, Qwen3, QwQ): each call is a JSON object
   ``{"name": …, "arguments": {…}}`` between ``<tool_call>`` and ``</tool_call>``, anywhere in the reply, several
   per reply, with text before, between or after them.
 * :class:`LlamaJsonFormat` (Llama 3.1, 3.2, 3.3): the **whole** reply is the call, ``{"name": …,
@@ -10,8 +10,9 @@ A model asks for a tool in the format its chat template taught it. Two formats a
 
 :func:`detect_tool_format` picks one from the chat template: it renders an assistant message holding a probe
 call and looks at how the template wrote it (``<tool_call>`` tags, or a bare ``"parameters"`` object); a template
-that does not render assistant calls but asks for ``<tool_call>`` tags in its instructions (SmolLM3) is Hermes.
-A template with neither (SmolLM2, the embedded model) has no format: its replies are never parsed.
+that does not render assistant calls but asks for ``<tool_call>`` tags in its instructions (as SmolLM3's is
+described) is Hermes too. A template with neither (SmolLM2, the embedded model) has no format: its replies are
+never parsed.
 
 Only a well-formed call of an offered tool counts (a JSON object whose ``name`` is one of the request's tools
 and whose arguments are an object); anything else — unknown tool, broken JSON, a truncated call — stays text.
@@ -288,8 +289,6 @@ class LlamaJsonFormat(ToolCallFormat):
         return calls
 
 
-_FORMATS: dict[str, type[ToolCallFormat]] = {f.name: f for f in (HermesFormat, LlamaJsonFormat)}
-
 _PROBE_NAME = "deltamem_probe_tool"
 _PROBE_TOOLS = [{"type": "function", "function": {
     "name": _PROBE_NAME, "description": "probe", "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}},
@@ -321,15 +320,8 @@ def detect_tool_format(tokenizer: Any) -> ToolCallFormat | None:
         return HermesFormat()
     if _LLAMA_CALL.search(rendered):
         return LlamaJsonFormat()
-    # Templates that describe the format to the model but do not render past calls (SmolLM3).
+    # Templates that describe the format to the model but do not render past calls.
     if HermesFormat.OPEN in template and HermesFormat.CLOSE in template:
         return HermesFormat()
     return None
 
-
-def format_by_name(name: str) -> ToolCallFormat:
-    """A format by its :attr:`ToolCallFormat.name` (``"hermes"``, ``"llama3_json"``)."""
-    try:
-        return _FORMATS[name]()
-    except KeyError:
-        raise ValueError(f"unknown tool call format {name!r}; use one of {sorted(_FORMATS)}") from None
