@@ -1,6 +1,7 @@
 """Where the Triton kernel tests run: on CUDA when there is a GPU, otherwise on the CPU through Triton's
-interpreter. Imported by the test modules before anything imports triton (the interpreter switch is read when a
-kernel is built; :mod:`deltamem_agents.ops.triton_support` builds kernels lazily, so the order is not fragile)."""
+interpreter. The switch (``TRITON_INTERPRET=1``) is read when triton is first imported (its standard library) and
+when a kernel is built (:mod:`deltamem_agents.ops.triton_support` builds them lazily); ``tests/conftest.py`` sets it
+before any test runs, and this module once more for runs of a single file."""
 
 from __future__ import annotations
 
