@@ -70,7 +70,7 @@ if AVAILABLE:
         # Program (b, n) × chunk c: the chunk's affine map of every state row i, M[i] (R × R) and h[i] (R).
         # h evolves exactly like the state from a zero start; M[i] = Π_t (keep_i I − erase_i k_t k_tᵀ).
         bn = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1).to(tl.int64)
+        c = tl.program_id(1)
         b = bn // N
         n = bn % N
         a = tl.arange(0, BLOCK)
@@ -134,7 +134,7 @@ if AVAILABLE:
                    T, N, R, C, NC, MODE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
         # Program (b, n) × chunk c: replay the chunk from its start (the reference's loop), reads out.
         bn = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1).to(tl.int64)
+        c = tl.program_id(1)
         b = bn // N
         n = bn % N
         a = tl.arange(0, BLOCK)
@@ -176,7 +176,7 @@ if AVAILABLE:
                      MODE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
         # Program (b, n) × chunk c: the adjoint at the chunk's start from its own reads only (zero at its end).
         bn = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1).to(tl.int64)
+        c = tl.program_id(1)
         b = bn // N
         n = bn % N
         a = tl.arange(0, BLOCK)
@@ -234,7 +234,7 @@ if AVAILABLE:
                        MODE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
         # Program (b, n) × chunk c: replay the chunk storing S_{t-1}, then walk it backwards with the adjoint G.
         bn = tl.program_id(0).to(tl.int64)
-        c = tl.program_id(1).to(tl.int64)
+        c = tl.program_id(1)
         b = bn // N
         n = bn % N
         a = tl.arange(0, BLOCK)

@@ -14,7 +14,13 @@ from tiny_models import ids, randomize, tiny_model
 
 from deltamem_agents import DeltaMemConfig, attach
 from deltamem_agents.benchmarks import speed_gpu
-from deltamem_agents.benchmarks.speed_gpu import ArmResult, build_model, format_table, ratios, run_gpu_speed_benchmark
+from deltamem_agents.benchmarks.speed_gpu import (
+    ArmResult,
+    build_model,
+    format_table,
+    ratios,
+    run_gpu_speed_benchmark,
+)
 from deltamem_agents.cli import main as cli_main
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
