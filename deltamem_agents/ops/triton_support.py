@@ -12,6 +12,7 @@ decides at decoration time whether a kernel is compiled or interpreted, so a mod
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
@@ -35,7 +36,12 @@ class TritonUnavailableError(RuntimeError):
 
 def interpreting() -> bool:
     """Whether Triton runs kernels through its interpreter (``TRITON_INTERPRET=1``, read live)."""
-    return bool(AVAILABLE and triton.knobs.runtime.interpret)
+    if not AVAILABLE:
+        return False
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older releases read the variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 _COMPILED: dict[tuple[str, bool], object] = {}
