@@ -25,9 +25,10 @@ dependent global loads; at 32k tokens that is tens of milliseconds per layer on 
 model's prefill. Every row of the state evolves by an affine map ``s ← s A_t + b_t`` with the symmetric
 ``A_t = keep I − erase k_t k_tᵀ``, so the sequence is split into chunks of ``C`` positions and:
 
-1. ``_fwd_transition`` (all chunks in parallel, one program per chunk and state row): the chunk's map
-   ``s_end = s_start M_c + h_c``, ``M_c = A_first ⋯ A_last`` (``r × r`` per row), by ``C`` rank-one updates;
-2. ``_fwd_carry`` (one program per state row): ``s ← s M_c + h_c`` over the ``T / C`` chunks: each chunk's start;
+1. ``_fwd_transition`` (all chunks in parallel, one program per chunk and sub-state): every row's map of the
+   chunk, ``s_end = s_start M_c + h_c`` with ``M_c = A_first ⋯ A_last`` (``r × r`` per row, an ``r × r × r``
+   block per program), by ``C`` rank-one updates;
+2. ``_fwd_carry`` (one program per sub-state): ``s ← s M_c + h_c`` over the ``T / C`` chunks: each chunk's start;
 3. ``_fwd_reads`` (all chunks in parallel, one program per chunk and sub-state): replays the chunk from its start
    exactly as the reference does, writing the reads (and the final state from the last chunk).
 
