@@ -165,6 +165,6 @@ def delta_rule_decode_triton(
         p, beta_bias.contiguous(), decay if decay is not None else p, state, out_state, reads,
         mask.view(torch.int8) if mask is not None else p, N, R, eps,
         UPDATE=UPDATE_MODES.index(update), HAS_DECAY=decay is not None, NORMALIZE_QK=bool(normalize_qk),
-        HAS_MASK=mask is not None, BLOCK=next_power_of_2(R),
+        HAS_MASK=mask is not None, BLOCK=next_power_of_2(R), num_warps=1,  # one r × r tile: one warp
     )
     return reads, out_state

@@ -62,6 +62,10 @@ MAX_RANK = 64
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # Gate modes (constexpr in the kernels): which of the three gate pointers are read, and how the gradient is folded.
 COUPLED, DECAY, AFFINE = 0, 1, 2
+# Warps per program. The kernels are latency-bound loops over tiny tiles (r × r, or r × r × r for the chunk maps):
+# one warp keeps every reduction of an r × r tile inside the warp (shuffles, no shared memory and barriers per
+# step); the r³ maps get more threads. Ignored by the interpreter; not yet tuned on a GPU.
+WARPS_TILE, WARPS_CUBE = 1, 4
 
 
 if AVAILABLE:
@@ -350,13 +354,14 @@ class _Scan(torch.autograd.Function):
             maps = torch.empty(B, N, NC, R, R, R, device=dev, dtype=torch.float32)
             offsets = torch.empty(B, N, NC, R, R, device=dev, dtype=torch.float32)
             jit(_fwd_transition)[(B * N, NC)](k, v, g0, g1_, g2_, m8, maps, offsets, T, N, R, chunk, NC,
-                                                  MODE=mode, HAS_MASK=has_mask, BLOCK=BLOCK)
+                                                  MODE=mode, HAS_MASK=has_mask, BLOCK=BLOCK, num_warps=WARPS_CUBE)
             starts = torch.empty(B, N, NC, R, R, device=dev, dtype=torch.float32)
             init = initial_state.to(torch.float32).contiguous() if initial_state is not None else starts
             jit(_fwd_carry)[(B * N,)](init, maps, offsets, starts, R, NC,
-                                           HAS_INIT=initial_state is not None, BLOCK=BLOCK)
+                                           HAS_INIT=initial_state is not None, BLOCK=BLOCK,
+                                           num_warps=WARPS_CUBE)
         jit(_fwd_reads)[(B * N, NC)](q, k, v, g0, g1_, g2_, m8, starts, out, final, T, N, R, chunk, NC,
-                                     MODE=mode, HAS_MASK=has_mask, BLOCK=BLOCK)
+                                     MODE=mode, HAS_MASK=has_mask, BLOCK=BLOCK, num_warps=WARPS_TILE)
         ctx.mode, ctx.chunk, ctx.has_mask, ctx.NC = mode, chunk, has_mask, NC
         ctx.has_g1, ctx.has_g2 = g1 is not None, g2 is not None
         ctx.init_dtype = None if initial_state is None else initial_state.dtype
@@ -380,9 +385,10 @@ class _Scan(torch.autograd.Function):
         else:
             u = torch.empty(B, N, NC, R, R, device=dev, dtype=f32)
             jit(_bwd_offsets)[(B * N, NC)](q, k, g0, g1, g2, m8, do, u, T, N, R, chunk, NC,
-                                               MODE=mode, HAS_MASK=ctx.has_mask, BLOCK=BLOCK)
+                                               MODE=mode, HAS_MASK=ctx.has_mask, BLOCK=BLOCK, num_warps=WARPS_TILE)
             gend = torch.empty(B, N, NC, R, R, device=dev, dtype=f32)
-            jit(_bwd_carry)[(B * N,)](maps, u, dfinal, gend, R, NC, HAS_DFINAL=has_dfinal, BLOCK=BLOCK)
+            jit(_bwd_carry)[(B * N,)](maps, u, dfinal, gend, R, NC, HAS_DFINAL=has_dfinal, BLOCK=BLOCK,
+                                      num_warps=WARPS_CUBE)
         scratch = torch.empty(B, N, T, R, R, device=dev, dtype=f32)
         dq, dk, dv, dg0 = (torch.empty(B, T, N, R, device=dev, dtype=f32) for _ in range(4))
         dg1 = torch.empty_like(dg0) if mode != COUPLED else dg0
@@ -390,7 +396,7 @@ class _Scan(torch.autograd.Function):
         gstart = torch.empty(B, N, NC, R, R, device=dev, dtype=f32)
         jit(_bwd_positions)[(B * N, NC)](q, k, v, g0, g1, g2, m8, starts, gend, do, scratch, dq, dk, dv,
                                          dg0, dg1, dg2, gstart, T, N, R, chunk, NC,
-                                         MODE=mode, HAS_MASK=ctx.has_mask, BLOCK=BLOCK)
+                                         MODE=mode, HAS_MASK=ctx.has_mask, BLOCK=BLOCK, num_warps=WARPS_TILE)
         d_init = gstart[:, :, 0].to(ctx.init_dtype) if ctx.init_dtype is not None else None
         dt = q.dtype
         return (dq.to(dt), dk.to(dt), dv.to(dt), dg0.to(dt),

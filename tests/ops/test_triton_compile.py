@@ -3,7 +3,8 @@
 The interpreter tests (``test_triton_scan.py``, ``test_triton_decode.py``) check the kernels' arithmetic; they do
 not run Triton's compiler, which is stricter (types of loop-carried values, tensor shapes, what is constexpr). This
 compiles each kernel in each of its constexpr variants for ``cuda:90`` with Triton's own bundled ``ptxas``, in a
-subprocess with the interpreter off (the switch is read when triton is imported)."""
+subprocess with the interpreter off (the switch is read when triton is imported), and checks with the bundled
+``cuobjdump`` that no variant spills registers to local memory."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ pytest.importorskip("triton", reason='triton is not installed (pip install "delt
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = r'''
-import inspect, itertools, sys
+import inspect, itertools, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -39,6 +40,7 @@ VARIANTS = {
                           BLOCK=(8,)),
 }
 target = GPUTarget("cuda", 90, 32)
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 count = 0
 for fn, variants in VARIANTS.items():
     names = list(inspect.signature(fn).parameters)
@@ -58,8 +60,17 @@ for fn, variants in VARIANTS.items():
                 signature[n] = "*bf16" if n in HALF else "*fp32"
         src = ASTSource(fn=JITFunction(fn), signature=signature,
                         constexprs={(names.index(k),): v for k, v in consts.items()})
-        kernel = triton.compile(src, target=target)
+        cube = fn in (ts._fwd_transition, ts._fwd_carry, ts._bwd_carry)
+        warps = ts.WARPS_CUBE if cube else ts.WARPS_TILE
+        kernel = triton.compile(src, target=target, options={"num_warps": warps})
         assert kernel.asm["cubin"], fn.__name__
+        if os.path.exists(cuobjdump):  # no register spills to local memory
+            with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
+                f.write(kernel.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            local = re.search(r"LOCAL:(\d+)", usage)
+            assert local is not None and local.group(1) == "0", (fn.__name__, consts, usage)
         count += 1
 print("compiled", count)
 '''
