@@ -122,6 +122,8 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
 
 def _cmd_bench_speed(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
+    if args.shapes is not None or args.device != "cpu" or args.theirs is not None:
+        return _cmd_bench_speed_shapes(args)
     import torch
 
     from .adapter import DeltaMemConfig
@@ -139,13 +141,37 @@ def _cmd_bench_speed(args: argparse.Namespace) -> int:
         model,
         config,
         prefill_lengths=tuple(args.prefill),
-        decode_tokens=args.decode_tokens,
+        decode_tokens=64 if args.decode_tokens is None else args.decode_tokens,
         rounds=args.rounds,
     )
     print()
     print(format_table(results))
     if args.json:
         write_json(results, args.json, model=str(args.model or "embedded"), write_mode=args.write_mode)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def _cmd_bench_speed_shapes(args: argparse.Namespace) -> int:
+    """``deltamem bench speed`` on a random-weight model of named shapes, beside the authors' code (speed_gpu)."""
+    import torch
+
+    from .benchmarks import speed_gpu
+
+    dtype = getattr(torch, args.dtype)
+    shapes = args.shapes or "qwen3-4b"
+    arms = tuple(args.arms) if args.arms else tuple(a for a in speed_gpu.ARMS if a != "theirs" or args.theirs)
+    prompts = tuple(args.prompts) if args.prompts else ((4096, 16384, 32768) if shapes == "qwen3-4b" else (64, 130))
+    decode = args.decode_tokens if args.decode_tokens is not None else (256 if shapes == "qwen3-4b" else 4)
+    print(f"shapes {shapes} | {args.device} {args.dtype} | prompts {list(prompts)} + {decode} decoded | "
+          f"arms {list(arms)}", flush=True)
+    results = speed_gpu.run_gpu_speed_benchmark(device=args.device, dtype=dtype, shapes=shapes, prompts=prompts,
+                                                decode_tokens=decode, arms=arms, theirs=args.theirs)
+    print()
+    print(speed_gpu.format_table(results))
+    if args.json:
+        speed_gpu.write_json(results, args.json, shapes=shapes, device=args.device, dtype=args.dtype,
+                             theirs=str(args.theirs) if args.theirs else None)
         print(f"\nwrote {args.json}")
     return 0
 
@@ -255,8 +281,21 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     speed.add_argument("--model", default=None, help="HF dir, GGUF file or hub id (default: embedded model)")
     speed.add_argument("--write-mode", default="tsw", choices=("tsw", "ssw", "msw"))
     speed.add_argument("--prefill", type=int, nargs="+", default=[128, 512, 2048], help="prompt lengths")
-    speed.add_argument("--decode-tokens", type=int, default=64)
+    speed.add_argument("--decode-tokens", type=int, default=None,
+                       help="decoded tokens (default 64; 256 with --shapes qwen3-4b, 4 with --shapes tiny)")
     speed.add_argument("--rounds", type=int, default=5)
+    gpu = speed.add_argument_group(
+        "random-weight shapes beside the authors' code (benchmarks/speed_gpu.py; used when any of these is given)")
+    gpu.add_argument("--device", default="cpu", help="cuda or cpu")
+    gpu.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    gpu.add_argument("--shapes", default=None, choices=("qwen3-4b", "tiny"),
+                     help="random-weight model of these shapes (default with --device cuda: qwen3-4b)")
+    gpu.add_argument("--prompts", type=int, nargs="+", default=None,
+                     help="prompt lengths (default 4096 16384 32768 for qwen3-4b)")
+    gpu.add_argument("--arms", nargs="+", default=None, choices=("plain", "ours-torch", "ours-triton", "theirs"),
+                     help="default: all (theirs only with --theirs)")
+    gpu.add_argument("--theirs", default=None, metavar="PATH",
+                     help="an uncommitted checkout of declare-lab/delta-Mem for the 'theirs' arm")
     add_threads_argument(speed)
     speed.add_argument("--json", default=None, help="also write the results as JSON here")
     speed.set_defaults(func=_cmd_bench_speed)

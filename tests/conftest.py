@@ -5,7 +5,14 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from tiny_models import ARCHS, ids, randomize, tiny_model  # noqa: F401  (re-exported for older imports)
+
+# Without a GPU the Triton kernels run only through Triton's interpreter, and triton reads this switch when it is
+# first imported (its standard library is built then) — which building any transformers model does. So it is set
+# here, before any test runs; it changes nothing for code that does not launch Triton kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

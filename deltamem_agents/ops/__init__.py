@@ -4,7 +4,12 @@ All three share one contract, ``fn(q, k, v, beta, initial_state=None, mask=None,
 -> (out, final_state)`` with ``q, k, v, beta (B, T, N, r)``, ``initial_state (B, N, r, r)``, ``mask (B, T)``
 bool, and the optional retention ``decay`` and erase gate ``erase`` (``None``: the paper's ``1 − β`` and ``β``);
 see :mod:`.reference` for the math. :mod:`.cpu_fused` is the compiled inference kernel (activations included).
+
+The Triton kernels (:mod:`.triton_scan`, :mod:`.triton_decode`; optional dependency) are imported on first use of
+their names, so importing this package never imports triton.
 """
+
+import importlib
 
 from . import cpu_fused
 from .chunked import delta_rule_chunked
@@ -17,8 +22,23 @@ __all__ = [
     "cpu_fused",
     "delta_rule_chunked",
     "delta_rule_chunked_shared_gate",
+    "delta_rule_decode_triton",
     "delta_rule_fused_cpu",
     "delta_rule_numba",
     "delta_rule_reference",
     "delta_rule_step",
+    "delta_rule_triton",
+    "delta_rule_triton_affine",
 ]
+
+_LAZY = {
+    "delta_rule_triton": "triton_scan",
+    "delta_rule_triton_affine": "triton_scan",
+    "delta_rule_decode_triton": "triton_decode",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

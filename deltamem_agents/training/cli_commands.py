@@ -33,9 +33,27 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if resume is not None and latest_checkpoint(resume) is None:
         print(f"no checkpoint under {resume}")
         return 2
-    print(json.dumps({"recipe": config.recipe, "steps": config.steps, "out": out}, ensure_ascii=False))
-    final = train(config, out, resume=resume, progress=not args.quiet)
-    print(f"adapter: {final}")
+    from .distributed import from_environment
+
+    dist = from_environment()  # torchrun's environment (WORLD_SIZE > 1) makes this a data-parallel rank
+    if args.distributed and dist is None:
+        print("--distributed needs several processes: launch with torchrun --nproc-per-node N")
+        return 2
+    main = dist is None or dist.is_main
+    if main:
+        info = {"recipe": config.recipe, "steps": config.steps, "out": out}
+        if dist is not None:
+            info["ranks"] = dist.world_size
+        print(json.dumps(info, ensure_ascii=False))
+    try:
+        final = train(config, out, resume=resume, progress=not args.quiet, distributed=dist)
+    finally:
+        if dist is not None:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    if main:
+        print(f"adapter: {final}")
     return 0
 
 
@@ -59,4 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--time-budget", type=float, default=None,
                    help="minutes of training after which to checkpoint and stop (the schedule keeps --steps)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="data-parallel over torchrun's processes (detected anyway when WORLD_SIZE > 1; with this "
+                        "flag a single-process start is an error): each rank takes its share of every batch")
     p.set_defaults(func=_cmd_train)

@@ -43,12 +43,16 @@ class WriteGateRecorder:
 
     Attributes:
         means: one 0-dim float32 tensor per (layer, call), differentiable w.r.t. ``W_β`` and ``b_β``.
+        sums, counts: the numerator (differentiable) and denominator (detached, unclamped) of each entry of
+            ``means``, so data-parallel ranks can form the mean over the global batch.
     """
 
     def __init__(self, dm: DeltaMemModel, mask: Tensor | None = None) -> None:
         self.dm = dm
         self.mask = mask
         self.means: list[Tensor] = []
+        self.sums: list[Tensor] = []
+        self.counts: list[Tensor] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _hook(self, layer: nn.Module):
@@ -60,9 +64,14 @@ class WriteGateRecorder:
             beta = torch.sigmoid(F.linear(x, layer.in_proj[gate_rows:]).float() + layer.beta_bias.float())
             if self.mask is None:
                 self.means.append(beta.mean())
+                self.sums.append(beta.sum())
+                self.counts.append(torch.tensor(float(beta.numel())))
             else:
                 m = self.mask[:, -x.shape[1] :].to(beta.dtype)[..., None]
-                self.means.append((beta * m).sum() / (m.sum() * width).clamp_min(1.0))
+                total, count = (beta * m).sum(), (m.sum() * width).detach()
+                self.means.append(total / count.clamp_min(1.0))
+                self.sums.append(total)
+                self.counts.append(count)
 
         return hook
 

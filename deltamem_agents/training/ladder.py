@@ -21,6 +21,9 @@ same three; the retention ``Π λ`` across the gap between the fact and the ques
 other messages.
 
 Run: ``python -m deltamem_agents.training.ladder --out runs/l0 --rung L0 --update-rule delta --steps 2000``.
+Data parallel: the same under ``torchrun --nproc-per-node N`` (detected from the environment): every rank writes
+and reads its share of each step's contexts, the loss is normalised by the global answer-token count and the
+gradients are summed (:mod:`.distributed`); rank 0 evaluates, logs and saves, and its curriculum level is shared.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from ..adapter.state import DeltaMemState
 from .collate import IGNORE, encode_prompt_answer, pad_read
 from .config import DEFAULT_SYSTEM_PROMPT
 from .data.synthetic import _SMALL_TALK, synthetic_group
+from .distributed import DistributedContext, from_environment
 from .examples import MemoryExample
 from .gates import wrapped_q_projs
 
@@ -249,10 +253,12 @@ def answer_logprobs(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 class LadderRun:
     """Trains ``dm`` (an adapter with ``steer_writes=False``) on the rung of ``config``; logs to ``out_dir``."""
 
-    def __init__(self, config: LadderConfig, dm: DeltaMemModel, tokenizer: Any, out_dir: str | Path) -> None:
+    def __init__(self, config: LadderConfig, dm: DeltaMemModel, tokenizer: Any, out_dir: str | Path,
+                 distributed: DistributedContext | None = None) -> None:
         from ..engine.rendering import ChatRenderer
 
         self.config, self.dm, self.tokenizer = config, dm, tokenizer
+        self.dist = distributed
         self.out_dir = Path(out_dir)
         self.renderer = ChatRenderer(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -261,6 +267,9 @@ class LadderRun:
         for name, p in dm.delta_layers.named_parameters():
             (gates if name.rsplit(".", 1)[-1] in ("beta_bias", "lambda_bias", "lambda_proj", "wide_gain") else rest).append(p)
         self.params = gates + rest
+        if distributed is not None:
+            distributed.check_batch(config.contexts_per_step)
+            distributed.broadcast_parameters(self.params)
         # Gates at their own, higher lr and without weight decay: with a shared small lr they barely move.
         self.optimizer = torch.optim.AdamW([{"params": rest, "lr": config.lr, "weight_decay": config.weight_decay},
                                             {"params": gates, "lr": config.gate_lr, "weight_decay": 0.0}])
@@ -291,27 +300,35 @@ class LadderRun:
         c = self.config
         d = c.distractors[self.level]
         exs = self._examples(self.step * c.contexts_per_step, c.contexts_per_step, "train", d)
-        written = write_contexts(self.dm, [self._messages_ids(e) for e in exs], self.pad_id)
         rng = random.Random(f"recon:{c.seed}:{self.step}")
-        rows, owners = [], []
-        for i, e in enumerate(exs):
+        rows = []
+        for e in exs:  # every rank draws for every example, so the choices do not depend on the sharding
             if c.recon_frac and rng.random() < c.recon_frac:  # ask for the fact turn back: CE on every token
                 rows.append(encode_prompt_answer(self.tokenizer, self._prompt(RECALL_QUESTION),
                                                  e.history[e.evidence[0]]["content"]))
             else:
                 rows.append(encode_prompt_answer(self.tokenizer, self._prompt(e.question), e.answers[0]))
-            owners.append(i)
-        logits, labels = read_logits(self.dm, written.state, owners, rows, self.pad_id)
+        if self.dist is not None:  # this rank's share of the contexts
+            exs, rows = self.dist.shard(exs), self.dist.shard(rows)
+        written = write_contexts(self.dm, [self._messages_ids(e) for e in exs], self.pad_id)
+        logits, labels = read_logits(self.dm, written.state, list(range(len(exs))), rows, self.pad_id)
         lp, n = answer_logprobs(logits, labels)
-        loss = -(lp.sum() / n.sum().clamp_min(1))
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.dist is None:
+            loss = -(lp.sum() / n.sum().clamp_min(1))
+            loss.backward()
+        else:  # normalised by the global token count: the summed gradients are the whole batch's
+            total = self.dist.sum([lp.sum(), n.sum()])
+            n_all = max(float(total[1]), 1.0)
+            (-(lp.sum() / n_all)).backward()
+            loss = -total[0] / n_all
+            self.dist.sum_gradients(self.params)
         self.dm.reset_state(1)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        self.questions_seen += len(rows)
+        self.questions_seen += c.contexts_per_step
         return {"loss": float(loss.detach()), "grad_norm": grad_norm}
 
     # -- evaluation -----------------------------------------------------------------------------------------
@@ -434,9 +451,11 @@ class LadderRun:
         if c.num_threads:
             torch.set_num_threads(c.num_threads)
         torch.manual_seed(c.seed)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "ladder_config.json").write_text(json.dumps(asdict(c), indent=2))
-        log = (self.out_dir / "ladder_log.jsonl").open("a")
+        main = self.dist is None or self.dist.is_main  # rank 0 evaluates, logs and saves
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "ladder_config.json").write_text(json.dumps(asdict(c), indent=2))
+        log = (self.out_dir / "ladder_log.jsonl").open("a") if main else None
         best = -1.0
 
         def record(rec: dict[str, Any]) -> None:
@@ -444,15 +463,18 @@ class LadderRun:
             log.flush()
             print(json.dumps(rec), flush=True)
 
-        ev = self.evaluate(c.distractors[self.level])
-        record({"step": 0, "questions_seen": 0, "train_seconds": 0.0, "level": self.level, **ev})
+        if main:
+            ev = self.evaluate(c.distractors[self.level])
+            record({"step": 0, "questions_seen": 0, "train_seconds": 0.0, "level": self.level, **ev})
         losses: list[float] = []
         while self.step < c.steps:
             t0 = time.perf_counter()
             losses.append(self.train_step()["loss"])
             self.train_seconds += time.perf_counter() - t0
             out_of_time = c.time_budget_s is not None and self.train_seconds >= c.time_budget_s
-            if self.step % c.eval_every == 0 or self.step == c.steps or out_of_time:
+            if self.dist is not None and c.time_budget_s is not None:
+                out_of_time = self.dist.any(out_of_time)
+            if (self.step % c.eval_every == 0 or self.step == c.steps or out_of_time) and main:
                 ev = self.evaluate(c.distractors[self.level])
                 rec = {"step": self.step, "questions_seen": self.questions_seen,
                        "train_seconds": round(self.train_seconds, 1),
@@ -467,10 +489,17 @@ class LadderRun:
                 if ev["acc_state"] >= c.advance_at and self.level + 1 < len(c.distractors):
                     self.level += 1  # curriculum: advance on held-out accuracy, not on a schedule
                     record({"step": self.step, "advance_to_distractors": c.distractors[self.level]})
+            if self.dist is not None and (self.step % c.eval_every == 0 or self.step == c.steps or out_of_time):
+                self.level = int(self.dist.sum([self.level if main else 0])[0])  # rank 0's curriculum decision
             if out_of_time:
                 break
-        log.close()
-        return self.save(self.out_dir / "adapter")
+        final = self.out_dir / "adapter"
+        if main:
+            log.close()
+            self.save(final)
+        if self.dist is not None:
+            self.dist.barrier()
+        return final
 
     def save(self, directory: Path) -> Path:
         meta = {"recipe": "ladder", "ladder_config": asdict(self.config), "step": self.step,
@@ -543,7 +572,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(config.num_threads)
     from ..models import load_base_model
 
-    model, tok = load_base_model() if a.model == "embedded" else load_base_model(a.model)
+    dist = from_environment()  # a data-parallel rank under torchrun
+    device = dist.device if dist is not None and dist.device.type == "cuda" else None
+    model, tok = load_base_model(None if a.model == "embedded" else a.model, device=device)
     if a.init:
         from ..adapter import load_adapter
 
@@ -551,8 +582,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = LadderConfig(**{**asdict(config), "adapter": dm.config.to_dict()})
     else:
         dm = attach(model, config.adapter_config())
-    LadderRun(config, dm, tok, a.out).run()
-    plot_runs({Path(a.out).name: Path(a.out) / "ladder_log.jsonl"}, Path(a.out) / "ladder_curve.png")
+    LadderRun(config, dm, tok, a.out, distributed=dist).run()
+    if dist is None or dist.is_main:
+        plot_runs({Path(a.out).name: Path(a.out) / "ladder_log.jsonl"}, Path(a.out) / "ladder_curve.png")
     return 0
 
 

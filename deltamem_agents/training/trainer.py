@@ -14,10 +14,15 @@ Online objective: ``[system] + history + [question] + answer`` as one sequence w
 Steps are deterministic functions of ``(seed, step)``: the data of step ``s`` is a pure function of its index,
 and a checkpoint holds the adapter, the optimizer and scheduler state, the RNG states and the step, so a resumed
 run continues bit-for-bit.
+
+Data parallel (``distributed=``, see :mod:`.distributed`): every rank takes its shard of each micro-batch, its loss
+terms are normalised by the global counts, and the adapter's gradients are summed over ranks before clipping, so
+the step equals the single-process step on the same global batch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -38,6 +43,7 @@ from ..files import atomic_directory
 from .collate import IGNORE, encode_context, encode_prompt_answer, pad_read, pad_write
 from .config import TrainConfig
 from .data import curriculum_level, load_task, synthetic_group
+from .distributed import DistributedContext
 from .examples import MemoryExample
 from .gates import WriteGateRecorder, steering_disabled
 
@@ -104,11 +110,13 @@ class ContextStream:
 
 
 # -- model --------------------------------------------------------------------------------------------------------
-def build_model(config: TrainConfig) -> tuple[DeltaMemModel, Any]:
-    """Load the base model of ``config`` and attach a fresh adapter (or ``init_adapter``)."""
+def build_model(config: TrainConfig, device: Any = None) -> tuple[DeltaMemModel, Any]:
+    """Load the base model of ``config`` (on ``device``; default: CUDA when available) and attach a fresh adapter
+    (or ``init_adapter``)."""
     from ..models import load_base_model
 
-    model, tokenizer = load_base_model() if config.model == "embedded" else load_base_model(config.model)
+    source = None if config.model == "embedded" else config.model
+    model, tokenizer = load_base_model(source, device=device)
     dm = load_adapter(model, config.init_adapter) if config.init_adapter else attach(model, config.adapter_config())
     return dm, tokenizer
 
@@ -125,14 +133,31 @@ class LossParts:
     questions: int
 
 
-def answer_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
-    """Mean CE over answer tokens. ``logits (R, K, V)`` are the last ``K`` positions; ``labels (R, T)``."""
+def answer_cross_entropy_sum(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Summed CE over answer tokens and their count. ``logits (R, K, V)`` are the last ``K`` positions;
+    ``labels (R, T)``."""
     K = logits.shape[1]
     targets = labels[:, -K:][:, 1:]  # the logit at position t predicts the token at t + 1
     n = int((targets != IGNORE).sum())
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
+    return loss, n
+
+
+def answer_cross_entropy(logits: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    """Mean CE over answer tokens. ``logits (R, K, V)`` are the last ``K`` positions; ``labels (R, T)``."""
+    loss, n = answer_cross_entropy_sum(logits, labels)
     return loss / max(n, 1), n
+
+
+@dataclass
+class _Forward:
+    """One micro-batch's forward: answer logits and labels, the write gates recorded, the question rows."""
+
+    logits: Tensor
+    labels: Tensor
+    gates: WriteGateRecorder
+    questions: int
 
 
 class Trainer:
@@ -146,8 +171,10 @@ class Trainer:
     def __init__(
         self, config: TrainConfig, dm: DeltaMemModel, tokenizer: Any, out_dir: str | Path,
         stream: ContextStream | None = None, progress: bool = True,
+        distributed: DistributedContext | None = None,
     ) -> None:
         self.config = config
+        self.dist = distributed
         self.dm = dm
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir)
@@ -157,6 +184,9 @@ class Trainer:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_id = int(pad if pad is not None else 0)
         self.params = [p for p in dm.parameters() if p.requires_grad]
+        if distributed is not None:
+            distributed.check_batch(config.batch_size)
+            distributed.broadcast_parameters(self.params)  # every rank starts from rank 0's adapter
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
         warmup = int(config.warmup_frac * config.steps)
 
@@ -203,7 +233,19 @@ class Trainer:
         return gates
 
     def offline_loss(self, groups: list[Group]) -> LossParts:
+        return self._loss_parts(self._offline_forward(groups))
+
+    def online_loss(self, groups: list[Group]) -> LossParts:
+        return self._loss_parts(self._online_forward(groups))
+
+    def _loss_parts(self, fw: _Forward) -> LossParts:
         c = self.config
+        ce, n = answer_cross_entropy(fw.logits, fw.labels)
+        beta = fw.gates.mean()
+        reg = c.beta_reg_weight * (beta - c.beta_target) ** 2
+        return LossParts(ce + reg, float(ce.detach()), float(reg.detach()), float(beta.detach()), n, fw.questions)
+
+    def _offline_forward(self, groups: list[Group]) -> _Forward:
         gates = self.write_context(groups)
         state = self.dm.state
         rows, owners = [], []
@@ -217,12 +259,9 @@ class Trainer:
         batch = pad_read(rows, self.pad_id, self.device)
         with self.dm.writes_disabled():
             logits = self._call(batch, write=False, keep=batch.keep)
-        ce, n = answer_cross_entropy(logits, batch.labels)
-        beta = gates.mean()
-        reg = c.beta_reg_weight * (beta - c.beta_target) ** 2
-        return LossParts(ce + reg, float(ce.detach()), float(reg.detach()), float(beta.detach()), n, len(rows))
+        return _Forward(logits, batch.labels, gates, len(rows))
 
-    def online_loss(self, groups: list[Group]) -> LossParts:
+    def _online_forward(self, groups: list[Group]) -> _Forward:
         c = self.config
         rows, segs = [], []
         for g in groups:
@@ -242,13 +281,33 @@ class Trainer:
         self.dm.reset_state(len(rows))
         with WriteGateRecorder(self.dm, batch.attention_mask) as gates:
             logits = self._call(batch, write=True, keep=batch.keep)
-        ce, n = answer_cross_entropy(logits, batch.labels)
-        beta = gates.mean()
-        reg = c.beta_reg_weight * (beta - c.beta_target) ** 2
-        return LossParts(ce + reg, float(ce.detach()), float(reg.detach()), float(beta.detach()), n, len(rows))
+        return _Forward(logits, batch.labels, gates, len(rows))
 
     def loss(self, groups: list[Group]) -> LossParts:
         return self.offline_loss(groups) if self.config.variant == "offline" else self.online_loss(groups)
+
+    def _sharded_loss(self, groups: list[Group]) -> tuple[Tensor, LossParts]:
+        """Data parallel: this rank's share of the micro-batch ``groups``. Returns a surrogate whose gradient,
+        summed over ranks, is the gradient of the loss of the whole micro-batch, and the global loss parts.
+
+        The CE is a mean over the global answer tokens (each rank divides its sum by the global count); the
+        regulariser ``w·(mean_ℓ S_ℓ/C_ℓ − target)²`` has per-layer sums ``S_ℓ`` over ranks, so its gradient on a
+        rank is ``2w(β̄ − target)/(L·C_ℓ)`` times the rank's own ``∂S_ℓ``."""
+        c, d = self.config, self.dist
+        fw = self._offline_forward(groups) if c.variant == "offline" else self._online_forward(groups)
+        ce_sum, n = answer_cross_entropy_sum(fw.logits, fw.labels)
+        sums, counts = fw.gates.sums, fw.gates.counts
+        L = len(sums)
+        total = d.sum([ce_sum, float(n), float(fw.questions), *sums, *counts])
+        n_all = float(total[1])
+        ce = total[0] / max(n_all, 1.0)
+        beta_layers = total[3 : 3 + L] / total[3 + L :].clamp_min(1.0)
+        beta = beta_layers.mean()
+        coef = (2 * c.beta_reg_weight * (beta - c.beta_target) / (L * total[3 + L :].clamp_min(1.0))).float()
+        surrogate = ce_sum / max(n_all, 1.0) + (torch.stack(sums) * coef.to(sums[0].device)).sum()
+        reg = c.beta_reg_weight * (beta - c.beta_target) ** 2
+        parts = LossParts(ce + reg, float(ce), float(reg), float(beta), int(n_all), int(total[2]))
+        return surrogate, parts
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
@@ -258,10 +317,17 @@ class Trainer:
         parts: list[LossParts] = []
         for m in range(c.grad_accum):
             start = (self.step * c.grad_accum + m) * c.batch_size
-            lp = self.loss(self.stream.contexts(start, c.batch_size))
-            (lp.loss / c.grad_accum).backward()
+            groups = self.stream.contexts(start, c.batch_size)
+            if self.dist is None:
+                lp = self.loss(groups)
+                (lp.loss / c.grad_accum).backward()
+            else:
+                surrogate, lp = self._sharded_loss(self.dist.shard(groups))
+                (surrogate / c.grad_accum).backward()
             parts.append(lp)
         self.dm.reset_state(1)  # drop the graph held by the live state
+        if self.dist is not None:
+            self.dist.sum_gradients(self.params)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm))
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
@@ -277,42 +343,57 @@ class Trainer:
             "questions_seen": self.questions_seen,
         }
 
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files (always, unless it is a data-parallel rank other than 0)."""
+        return self.dist is None or self.dist.is_main
+
     def train(self, resume: str | Path | None = None, on_checkpoint: Callable[[Path], None] | None = None) -> Path:
-        """Run to ``config.steps`` (continuing from ``resume``), checkpointing; returns the final adapter dir."""
+        """Run to ``config.steps`` (continuing from ``resume``), checkpointing; returns the final adapter dir.
+
+        Data parallel: every rank runs this; rank 0 writes the config, the log, checkpoints (``on_checkpoint`` is
+        called there) and the final adapter, every rank reads ``resume``."""
         c = self.config
         if c.num_threads:
             torch.set_num_threads(c.num_threads)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "train_config.json").write_text(c.to_json())
+        main = self.is_main
+        if main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "train_config.json").write_text(c.to_json())
         if resume is not None:
             self.load_checkpoint(resume)
         else:
             torch.manual_seed(c.seed)
             random.seed(c.seed)
         log_path = self.out_dir / LOG_NAME
-        bar = _progress(range(self.step, c.steps), enabled=self.progress, initial=self.step, total=c.steps)
-        with log_path.open("a") as log:
+        bar = _progress(range(self.step, c.steps), enabled=self.progress and main, initial=self.step, total=c.steps)
+        with log_path.open("a") if main else contextlib.nullcontext() as log:
             for _ in bar:
                 t0 = time.perf_counter()
                 rec = self.train_step()
                 self.elapsed += time.perf_counter() - t0
                 rec["elapsed_s"] = round(self.elapsed, 2)
                 rec["questions_per_s"] = round(self.questions_seen / max(self.elapsed, 1e-9), 3)
-                if self.step % c.log_every == 0 or self.step == c.steps:
+                if main and (self.step % c.log_every == 0 or self.step == c.steps):
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", beta=f"{rec['mean_beta']:.3f}")
                 out_of_time = c.time_budget_s is not None and self.elapsed >= c.time_budget_s
+                if self.dist is not None and c.time_budget_s is not None:
+                    out_of_time = self.dist.any(out_of_time)  # every rank stops at the same step
                 if self.step % c.save_every == 0 or self.step == c.steps or out_of_time:
                     ckpt = self.save_checkpoint()
-                    if on_checkpoint is not None:
+                    if on_checkpoint is not None and main:
                         on_checkpoint(ckpt)
                 if out_of_time:
                     break
         final = self.out_dir / "adapter"
-        save_adapter(self.dm, final, training=self.training_metadata())
-        plot_loss(log_path, self.out_dir / "loss_curve.png")
+        if main:
+            save_adapter(self.dm, final, training=self.training_metadata())
+            plot_loss(log_path, self.out_dir / "loss_curve.png")
+        if self.dist is not None:
+            self.dist.barrier()
         return final
 
     def training_metadata(self) -> dict[str, Any]:
@@ -322,12 +403,20 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_NNNNNN/`` as a whole, atomically, and return it.
+        """Write ``checkpoints/step_NNNNNN/`` as a whole, atomically, and return it. Data parallel: rank 0 writes,
+        every rank returns once it is written.
 
         The directory is built under a temporary name and renamed into place, so a run killed while saving
         leaves no half checkpoint for ``latest_checkpoint`` (and a resume) to pick up.
         """
         d = self.out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        if self.is_main:
+            self._write_checkpoint(d)
+        if self.dist is not None:
+            self.dist.barrier()
+        return d
+
+    def _write_checkpoint(self, d: Path) -> None:
         opt = self.optimizer.state_dict()
         tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
         scalars: dict[str, dict[str, Any]] = {}
@@ -349,7 +438,7 @@ class Trainer:
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
-        return atomic_directory(d, build)
+        atomic_directory(d, build)
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore adapter, optimizer, scheduler, RNG and counters from a checkpoint (or a run dir: its latest)."""
@@ -386,12 +475,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = None, progress: bool = True) -> Path:
-    """Build the model of ``config``, train it, and return the final adapter directory."""
+def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = None, progress: bool = True,
+          distributed: DistributedContext | None = None) -> Path:
+    """Build the model of ``config``, train it, and return the final adapter directory. With ``distributed``
+    (:func:`.distributed.from_environment` under torchrun) this process is one data-parallel rank, its model on the
+    rank's device."""
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
-    dm, tokenizer = build_model(config)
-    return Trainer(config, dm, tokenizer, out_dir, progress=progress).train(resume=resume)
+    device = distributed.device if distributed is not None and distributed.device.type == "cuda" else None
+    dm, tokenizer = build_model(config, device=device)
+    return Trainer(config, dm, tokenizer, out_dir, progress=progress, distributed=distributed).train(resume=resume)
 
 
 def plot_loss(log_path: Path, png_path: Path) -> None:
