@@ -292,7 +292,7 @@ class MemoryEngine:
         from .portable import export_session
 
         ns = self._ns(namespace)
-        data = self.store.load(session_id, namespace=ns, turn=turn)
+        data = self.store.load(session_id, namespace=ns, turn=turn, full_record=True)
         self._check_fingerprints(data.info)
         state = blobs_to_state(data.state, self.model)
         return export_session(path, data, state, self._fingerprints, self.model_name, self.model.config)
@@ -527,8 +527,10 @@ class MemoryEngine:
     def _prepare(self, session_id: str, ns: str, msgs: list[Message], counts: list[int], style: str,
                  create_if_missing: bool) -> Prepared:
         data = self._load(session_id, ns, create_if_missing)
-        plan = plan_turn(style, msgs, counts, data.written,
-                         lambda: self.store.list_turns(session_id, namespace=ns), data.info.turn, data.window)
+        plan = plan_turn(style, msgs, counts, data.record,
+                         lambda: self.store.list_turns(session_id, namespace=ns), data.info.turn, data.window,
+                         full_record=lambda: self.store.load(session_id, namespace=ns, turn=data.turn,
+                                                             full_record=True).written)
         if plan.base_turn == data.turn:
             blobs = data.state
         elif plan.base_turn >= 0:  # a replay: the snapshot before the divergence
@@ -539,8 +541,8 @@ class MemoryEngine:
         return Prepared(data, plan, blobs_to_state(blobs, self.model))
 
     def _full_context_tokens(self, prep: Prepared) -> int:
-        plan, record = prep.plan, prep.data.written
-        earlier = sum(r.tokens for r in record[: plan.base_written])
+        plan = prep.plan
+        earlier = plan.base_tokens
         new = sum(i.tokens for i in plan.new)
         first = plan.history[0] if plan.history and plan.history[0].index == 0 else None
         # what the template puts before the first message (SmolLM2: a default system prompt)

@@ -17,7 +17,6 @@ from typing import Any
 from .base import (
     DEFAULT_NAMESPACE,
     ConcurrentUpdateError,
-    CorruptStateError,
     SessionData,
     SessionExistsError,
     SessionInfo,
@@ -29,7 +28,15 @@ from .base import (
     WrittenMessage,
     validate_identifier,
 )
-from .codec import prepare_state, prepare_window, prepare_written
+from .codec import (
+    SnapshotFacts,
+    check_continues,
+    check_fingerprints,
+    prepare_metadata,
+    prepare_state,
+    prepare_window,
+    prepare_written,
+)
 
 __all__ = ["InMemorySessionStore"]
 
@@ -38,7 +45,7 @@ __all__ = ["InMemorySessionStore"]
 class _Turn:
     turn: int
     created_at: datetime
-    written_count: int
+    facts: SnapshotFacts  # counts and record chains, as the SQL store's snapshot row
     state: list[TensorBlob]
     written: list[WrittenMessage]  # records written *in* this turn
     window: list[WindowMessage]
@@ -145,21 +152,18 @@ class InMemorySessionStore:
     ) -> SessionInfo:
         with self._lock:
             key = self._key(session_id, namespace)
-            for what, value in (("model_fingerprint", model_fingerprint), ("adapter_fingerprint", adapter_fingerprint)):
-                if not isinstance(value, str):
-                    raise TypeError(f"{what} must be a string, got {type(value).__name__}")
-            if metadata is not None and not isinstance(metadata, dict):
-                raise CorruptStateError(f"metadata must be a dict, got {type(metadata).__name__}")
+            meta = prepare_metadata(metadata)
+            check_fingerprints(model_fingerprint, adapter_fingerprint)
             if key in self._sessions:
                 raise SessionExistsError(f"{_label(*key)} already exists")
             now = _now()
             info = SessionInfo(
                 session_id=session_id, namespace=namespace, model_fingerprint=model_fingerprint,
                 adapter_fingerprint=adapter_fingerprint, version=1, turn=0, created_at=now, updated_at=now,
-                metadata=copy.deepcopy(metadata or {}),
+                metadata=meta,
             )
             sess = _Session(info)
-            sess.turns[0] = _Turn(0, now, 0, [], [], [])
+            sess.turns[0] = _Turn(0, now, SnapshotFacts.fresh(), [], [], [])
             self._sessions[key] = sess
             return info
 
@@ -171,7 +175,10 @@ class InMemorySessionStore:
         with self._lock:
             return self._key(session_id, namespace) in self._sessions
 
-    def load(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, turn: int | None = None) -> SessionData:
+    def load(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, turn: int | None = None,
+             full_record: bool = False) -> SessionData:
+        if not isinstance(full_record, bool):
+            raise TypeError("full_record must be a bool")
         with self._lock:
             sess = self._require(session_id, namespace)
             snap = self._snapshot(sess, sess.info.turn if turn is None else turn)
@@ -179,8 +186,9 @@ class InMemorySessionStore:
                 info=sess.info,
                 turn=snap.turn,
                 state=list(snap.state),
-                written=self._records_upto(sess, snap.turn),
+                written=self._records_upto(sess, snap.turn) if full_record else None,
                 window=list(snap.window),
+                record=snap.facts.summary(),
             )
 
     def commit(
@@ -201,12 +209,14 @@ class InMemorySessionStore:
             sess = self._require(session_id, namespace)
             self._check_version(sess, expected_version)
             base = self._snapshot(sess, sess.info.turn if base_turn is None else base_turn)
+            check_continues(records, base.facts.written_count)
             for t in [t for t in sess.turns if t > base.turn]:
                 del sess.turns[t]
             new_turn = base.turn + 1
             info = self._bump(sess, new_turn)
             sess.turns[new_turn] = _Turn(
-                new_turn, info.updated_at, base.written_count + len(records), blobs, records, messages
+                new_turn, info.updated_at, base.facts.after(new_turn, blobs, records, messages), blobs, records,
+                messages,
             )
             self._prune(sess)
             return info
@@ -229,7 +239,7 @@ class InMemorySessionStore:
             sess = self._require(session_id, namespace)
             self._check_version(sess, expected_version)
             info = self._bump(sess, 0)
-            sess.turns = {0: _Turn(0, info.updated_at, 0, [], [], [])}
+            sess.turns = {0: _Turn(0, info.updated_at, SnapshotFacts.fresh(), [], [], [])}
             return info
 
     def fork(
@@ -280,7 +290,7 @@ class InMemorySessionStore:
         with self._lock:
             sess = self._require(session_id, namespace)
             return [
-                TurnInfo(turn=t, created_at=s.created_at, written_count=s.written_count,
+                TurnInfo(turn=t, created_at=s.created_at, written_count=s.facts.written_count,
                          state_bytes=sum(len(b.data) for b in s.state))
                 for t, s in sorted(sess.turns.items())
             ]
