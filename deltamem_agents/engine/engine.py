@@ -299,11 +299,13 @@ class MemoryEngine:
 
     def import_session(self, path: str | os.PathLike[str], session_id: str | None = None, *,
                        namespace: str | None = None) -> SessionInfo:
-        """Create a session from an exported file (the file's id unless ``session_id`` is given).
+        """Create a session from an exported file (the file's id unless ``session_id`` is given) in ``namespace``
+        (default: the engine's namespace) — never in the namespace the file was exported from.
 
         Raises :class:`FingerprintMismatchError` when the file was written with another model or adapter,
-        :class:`InvalidStateError` for NaN/Inf or a foreign layout, ``SessionExistsError`` when the id is taken;
-        in every case nothing is created. The imported session has no KV cache: its first online turn
+        :class:`InvalidStateError` for NaN/Inf or a foreign layout, :class:`PortableFormatError` for a file that
+        fails its integrity check or is malformed, ``SessionExistsError`` when the id is taken; in every case
+        nothing is created. The imported session has no KV cache: its first online turn
         re-prefills from the exported window.
         """
         from .portable import read_export
@@ -318,7 +320,7 @@ class MemoryEngine:
                 f"{self._fingerprints['adapter'][:12]}…"
             )
         check_state(exported.state, self.model)
-        ns = self._ns(namespace if namespace is not None else exported.namespace)
+        ns = self._ns(namespace)  # the caller's tenant, whatever the file says
         sid = session_id or exported.session_id
         with self._session_lock(ns, sid):
             info = self.store.create(sid, namespace=ns, model_fingerprint=fp["model"],

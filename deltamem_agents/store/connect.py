@@ -93,7 +93,11 @@ def is_memory_sqlite(url: URL) -> bool:
 
 def _prepare_sqlite_file(url: URL) -> None:
     if not is_memory_sqlite(url) and not str(url.database).startswith("file:"):
-        Path(str(url.database)).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = Path(str(url.database)).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot create the directory of the session database {path}: {exc}") from exc
 
 
 def _install_sqlite_hooks(sync_engine: Engine, busy_timeout_s: float) -> None:

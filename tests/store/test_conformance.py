@@ -459,3 +459,53 @@ def test_stale_version_changes_nothing(store, ns):
                          window=window(1))
     assert snapshot_of(store, ns, "s1") == before
     assert rows(store, "s1", ns) == counts
+
+
+# ---------------------------------------------------------------------------------------------- record numbering
+@pytest.mark.parametrize("offered", [[2], [1, 3], [2, 1], [0], [5]], ids=["gap", "gap-inside", "order", "repeat",
+                                                                             "far"])
+def test_a_turn_must_continue_the_record(store, ns, offered):
+    """Indexes are positions in the history: a turn on top of n records writes n, n+1, … — a gap or a repeat
+    would let two records claim one message (the engine would later write a duplicate)."""
+    new_session(store, ns)
+    info = commit_turns(store, ns, "s1", 1)  # record: [0]
+    before = snapshot_of(store, ns, "s1")
+    with pytest.raises(CorruptStateError, match="no gaps"):
+        store.commit("s1", namespace=ns, expected_version=info.version, state=[], written=written(*offered),
+                     window=[])
+    assert snapshot_of(store, ns, "s1") == before
+    # on top of an earlier turn the record continues from that turn's count
+    store.commit("s1", namespace=ns, expected_version=info.version, state=[], written=written(0, 1, tag="b"),
+                 window=[], base_turn=0)
+    assert indexes(store, ns, "s1") == [0, 1]
+
+
+# ---------------------------------------------------------------------------------------------- text
+BAD_TEXT = {"nul": "before\x00after", "lone-surrogate": "half \ud800 pair", "lone-low": "\udfff"}
+
+
+@pytest.mark.parametrize("bad", list(BAD_TEXT))
+def test_text_no_backend_can_hold_is_refused_everywhere(store, ns, bad):
+    """One behaviour on every backend: PostgreSQL cannot store NUL in text or JSONB, and no UTF-8 database can
+    store a lone surrogate; SQLite would take both, so the store refuses them before writing anything."""
+    from deltamem_agents.store import WindowMessage, WrittenMessage
+
+    text_ = BAD_TEXT[bad]
+    info = new_session(store, ns)
+    before = snapshot_of(store, ns, "s1")
+    offers = [
+        {"written": [], "window": [WindowMessage(0, "user", text_, 3)]},
+        {"written": [], "window": [WindowMessage(0, text_, "ok", 3)]},
+        {"written": [WrittenMessage(0, "user", text_, 3)], "window": []},
+        {"written": [WrittenMessage(0, text_, "d", 3)], "window": []},
+    ]
+    for offer in offers:
+        with pytest.raises(CorruptStateError, match="NUL|surrogate"):
+            store.commit("s1", namespace=ns, expected_version=info.version, state=[], **offer)
+    for kwargs in ({"metadata": {"k": text_}}, {"metadata": {text_: 1}}, {"metadata": {"l": [{"x": text_}]}},
+                   {"model_fingerprint": text_}, {"adapter_fingerprint": text_}):
+        kwargs = {"model_fingerprint": "m", "adapter_fingerprint": "a", **kwargs}
+        with pytest.raises(CorruptStateError, match="NUL|surrogate"):
+            store.create("s2", namespace=ns, **kwargs)
+    assert snapshot_of(store, ns, "s1") == before
+    assert not store.exists("s2", namespace=ns)
