@@ -1,7 +1,7 @@
 """The digests that seal what the store keeps (pure functions over plain values; no database, no torch).
 
-Three kinds, all hex SHA-256 over a canonical JSON encoding (sorted keys, no spaces, ASCII escapes, so any
-Python string — even one a database could not hold — has exactly one encoding):
+Three kinds, all hex SHA-256 over an unambiguous encoding: canonical JSON (sorted keys, no spaces, ASCII escapes)
+for the row digests, length-prefixed strings for the chains (hashed once per record, so kept cheap):
 
 * **chains** over the written record, extended one record at a time, so a commit computes the chain of turn
   ``t + 1`` from turn ``t``'s in O(new records) and a load never reads the record to know it:
@@ -58,14 +58,19 @@ def extend_history(chain: str, digests: Iterable[str]) -> str:
 
     Length-prefixed rather than JSON: a caller hashes its whole resent history with this on every call."""
     for digest in digests:
-        chain = hashlib.sha256(f"h{len(chain)}:{chain}{len(digest)}:{digest}".encode()).hexdigest()
+        text = f"h{len(chain)}:{chain}{len(digest)}:{digest}"
+        chain = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     return chain
 
 
 def extend_records(chain: str, records: Iterable[Any]) -> str:
-    """The record chain after appending these records (objects with ``index, role, digest, tokens``)."""
+    """The record chain after appending these records (objects with ``index, role, digest, tokens``; the two
+    integers as decimals, the strings length-prefixed, so the encoding is unambiguous and cheap)."""
     for r in records:
-        chain = _sha(canonical_json(["r", chain, r.index, r.role, r.digest, r.tokens]))
+        chain = hashlib.sha256(
+            f"r{len(chain)}:{chain}{int(r.index)}|{len(r.role)}:{r.role}{len(r.digest)}:{r.digest}{int(r.tokens)}|"
+            .encode("utf-8", "surrogatepass")
+        ).hexdigest()
     return chain
 
 
