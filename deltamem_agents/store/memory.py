@@ -8,6 +8,7 @@ Thread-safe (one lock around every operation); nothing survives the process.
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -54,6 +55,7 @@ class _Turn:
 @dataclass
 class _Session:
     info: SessionInfo
+    seq: int  # creation order: breaks ties between equal timestamps like the SQL store's never-reused id
     turns: dict[int, _Turn] = field(default_factory=dict)
 
 
@@ -80,6 +82,7 @@ class InMemorySessionStore:
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._lock = threading.RLock()
         self._closed = False
+        self._seq = itertools.count()
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _key(self, session_id: str, namespace: str) -> tuple[str, str]:
@@ -162,7 +165,7 @@ class InMemorySessionStore:
                 adapter_fingerprint=adapter_fingerprint, version=1, turn=0, created_at=now, updated_at=now,
                 metadata=meta,
             )
-            sess = _Session(info)
+            sess = _Session(info, next(self._seq))
             sess.turns[0] = _Turn(0, now, SnapshotFacts.fresh(), [], [], [])
             self._sessions[key] = sess
             return info
@@ -262,7 +265,7 @@ class InMemorySessionStore:
                 src.info, session_id=new_id, namespace=target_key[0], version=1, turn=snap.turn,
                 created_at=now, updated_at=now, metadata=copy.deepcopy(src.info.metadata),
             )
-            sess = _Session(info)
+            sess = _Session(info, next(self._seq))
             for t, s in src.turns.items():  # blobs and records are immutable: sharing them is safe
                 if t <= snap.turn:
                     sess.turns[t] = replace(s, state=list(s.state), written=list(s.written), window=list(s.window))
@@ -282,9 +285,9 @@ class InMemorySessionStore:
         with self._lock:
             if namespace is not None:
                 validate_identifier(namespace, "namespace")
-            infos = [s.info for (ns, _), s in self._sessions.items() if namespace is None or ns == namespace]
-            infos.sort(key=lambda i: i.updated_at, reverse=True)
-            return infos[offset : offset + limit]
+            found = [s for (ns, _), s in self._sessions.items() if namespace is None or ns == namespace]
+            found.sort(key=lambda s: (s.info.updated_at, s.seq), reverse=True)
+            return [s.info for s in found[offset : offset + limit]]
 
     def list_turns(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> list[TurnInfo]:
         with self._lock:

@@ -192,9 +192,11 @@ def _write_schema1_session(engine, ns: str, sid: str, turns: list[dict], metadat
                                                    role=w.role, content=w.content, tokens=w.tokens))
 
 
-def test_upgrade_to_digests_seals_what_verifies_and_reports_the_rest(fresh_url, monkeypatch):
+@pytest.mark.parametrize("via", ["upgrade", "async-store"])
+def test_upgrade_to_digests_seals_what_verifies_and_reports_the_rest(fresh_url, monkeypatch, via):
     """Existing rows are backfilled at upgrade: a turn that passes schema 1's checks is sealed (and the record
-    summary a turn needs is filled in); one that fails stays unsealed and raises CorruptSessionError on load."""
+    summary a turn needs is filled in); one that fails stays unsealed and raises CorruptSessionError on load.
+    The same step runs when an async store (aiosqlite / asyncpg) opens the database."""
     from deltamem_agents.store import CorruptSessionError, RecordSummary
     from deltamem_agents.store.connect import make_engine
 
@@ -209,7 +211,19 @@ def test_upgrade_to_digests_seals_what_verifies_and_reports_the_rest(fresh_url, 
     _write_schema1_session(engine, "old", "gapped", [turn(1, 0), turn(2, 2)], {})  # an import of a gapped file
     engine.dispose()
 
-    assert upgrade(fresh_url) == ["0002_digests"]
+    if via == "upgrade":
+        assert upgrade(fresh_url) == ["0002_digests"]
+    else:
+        import asyncio
+
+        from deltamem_agents.store import open_async_store
+
+        async def open_and_close():
+            store = await open_async_store(fresh_url)
+            await store.close()
+
+        asyncio.run(open_and_close())
+    assert current_version(fresh_url) == 2
     with SQLSessionStore(fresh_url) as store:
         for k in (0, 1, 2):
             data = store.load("good", namespace="old", turn=k, full_record=True)
