@@ -83,3 +83,101 @@ def format_table(results: list[StoreLatency]) -> str:
         lines.append(f"| {r.backend} | {r.state_bytes} | {r.rounds} | {r.median_ms:.2f} | {r.p99_ms:.2f} | "
                      f"{r.commit_median_ms:.2f} | {r.load_median_ms:.2f} |")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- load vs length
+@dataclass
+class LoadByLength:
+    """How long ``load`` of the latest turn takes once a session has ``turns`` turns (one written record each).
+
+    ``full_record_ms`` is the load that also reads the whole written record (``load(..., full_record=True)``),
+    ``None`` on a store without that option.
+    """
+
+    backend: str
+    turns: int
+    repeats: int
+    load_ms: float
+    full_record_ms: float | None
+
+
+def _timed_loads(store, sid: str, ns: str, repeats: int, **kw) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        store.load(sid, namespace=ns, **kw)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure_load_by_length(url: str | None, *, lengths: tuple[int, ...] = (10, 1000, 5000), repeats: int = 50,
+                           layers: int = 30, num_states: int = 1, rank: int = 8) -> list[LoadByLength]:
+    """Grow one session turn by turn (real commits: one written record and a two-message window per turn) and
+    time ``repeats`` loads of its latest turn when it reaches each of ``lengths``."""
+    import inspect
+
+    store = open_store(url)
+    sid, ns = f"bench-len-{uuid.uuid4().hex[:12]}", "bench"
+    backend = "postgresql" if url and url.startswith("postgres") else "sqlite"
+    has_full = "full_record" in inspect.signature(store.load).parameters
+    results = []
+    try:
+        info = store.create(sid, namespace=ns, model_fingerprint="bench", adapter_fingerprint="bench")
+        blobs = _state(layers, num_states, rank)
+        for target in sorted(lengths):
+            while info.turn < target:
+                i = info.turn
+                window = [WindowMessage(i, "user", "hello " * 50, 60)]
+                info = store.commit(sid, namespace=ns, expected_version=info.version, state=blobs,
+                                    written=[WrittenMessage(i, "user", uuid.uuid4().hex, 60)], window=window)
+            _timed_loads(store, sid, ns, 5)  # warm-up: caches, pool
+            load_ms = _timed_loads(store, sid, ns, repeats)
+            full_ms = _timed_loads(store, sid, ns, repeats, full_record=True) if has_full else None
+            results.append(LoadByLength(backend, target, repeats, load_ms, full_ms))
+    finally:
+        try:
+            store.delete(sid, namespace=ns)
+        finally:
+            store.close()
+    return results
+
+
+def format_length_table(results: list[LoadByLength]) -> str:
+    lines = ["| backend | turns | load median (ms) | load with full record (ms) |", "|---|---:|---:|---:|"]
+    for r in results:
+        full = "—" if r.full_record_ms is None else f"{r.full_record_ms:.2f}"
+        lines.append(f"| {r.backend} | {r.turns} | {r.load_ms:.2f} | {full} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deltamem_agents.benchmarks.store_latency --by-length [--url URL]…``"""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", action="append", default=None,
+                        help="store URL (repeatable; default: a temporary SQLite file, plus "
+                             "$DELTAMEM_TEST_POSTGRES_URL)")
+    parser.add_argument("--by-length", action="store_true",
+                        help="time load of the latest turn at several session lengths instead of the round trip")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[10, 1000, 5000])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=200)
+    args = parser.parse_args(argv)
+    urls = args.url
+    if not urls:
+        urls = [f"sqlite:///{tempfile.mkdtemp(prefix='deltamem-bench-')}/sessions.db"]
+        if os.environ.get("DELTAMEM_TEST_POSTGRES_URL"):
+            urls.append(os.environ["DELTAMEM_TEST_POSTGRES_URL"])
+    if args.by_length:
+        rows = [r for u in urls for r in measure_load_by_length(u, lengths=tuple(args.lengths),
+                                                                repeats=args.repeats)]
+        print(format_length_table(rows))
+    else:
+        print(format_table([measure_store(u, rounds=args.rounds) for u in urls]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

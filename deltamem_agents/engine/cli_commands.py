@@ -290,10 +290,11 @@ def _cmd_sessions(args: argparse.Namespace) -> int:
             engine = _engine(args)
             try:
                 if action == "export":
-                    path = engine.export_session(args.session, args.path, turn=args.turn)
+                    path = engine.export_session(args.session, args.path, namespace=args.namespace, turn=args.turn)
                     print(path)
                 else:
-                    _print(_info_dict(engine.import_session(args.path, args.session)), args.json)
+                    _print(_info_dict(engine.import_session(args.path, args.session, namespace=args.namespace)),
+                           args.json)
             finally:
                 engine.close()
             return 0

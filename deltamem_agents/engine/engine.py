@@ -300,18 +300,20 @@ class MemoryEngine:
         from .portable import export_session
 
         ns = self._ns(namespace)
-        data = self.store.load(session_id, namespace=ns, turn=turn)
+        data = self.store.load(session_id, namespace=ns, turn=turn, full_record=True)
         self._check_fingerprints(data.info)
         state = blobs_to_state(data.state, self.model)
         return export_session(path, data, state, self._fingerprints, self.model_name, self.model.config)
 
     def import_session(self, path: str | os.PathLike[str], session_id: str | None = None, *,
                        namespace: str | None = None) -> SessionInfo:
-        """Create a session from an exported file (the file's id unless ``session_id`` is given).
+        """Create a session from an exported file (the file's id unless ``session_id`` is given) in ``namespace``
+        (default: the engine's namespace) — never in the namespace the file was exported from.
 
         Raises :class:`FingerprintMismatchError` when the file was written with another model or adapter,
-        :class:`InvalidStateError` for NaN/Inf or a foreign layout, ``SessionExistsError`` when the id is taken;
-        in every case nothing is created. The imported session has no KV cache: its first online turn
+        :class:`InvalidStateError` for NaN/Inf or a foreign layout, :class:`PortableFormatError` for a file that
+        fails its integrity check or is malformed, ``SessionExistsError`` when the id is taken; in every case
+        nothing is created. The imported session has no KV cache: its first online turn
         re-prefills from the exported window.
         """
         from .portable import read_export
@@ -326,7 +328,7 @@ class MemoryEngine:
                 f"{self._fingerprints['adapter'][:12]}…"
             )
         check_state(exported.state, self.model)
-        ns = self._ns(namespace if namespace is not None else exported.namespace)
+        ns = self._ns(namespace)  # the caller's tenant, whatever the file says
         sid = session_id or exported.session_id
         with self._session_lock(ns, sid):
             info = self.store.create(sid, namespace=ns, model_fingerprint=fp["model"],
@@ -535,8 +537,10 @@ class MemoryEngine:
     def _prepare(self, session_id: str, ns: str, msgs: list[Message], counts: list[int], style: str,
                  create_if_missing: bool) -> Prepared:
         data = self._load(session_id, ns, create_if_missing)
-        plan = plan_turn(style, msgs, counts, data.written,
-                         lambda: self.store.list_turns(session_id, namespace=ns), data.info.turn, data.window)
+        plan = plan_turn(style, msgs, counts, data.record,
+                         lambda: self.store.list_turns(session_id, namespace=ns), data.info.turn, data.window,
+                         full_record=lambda: self.store.load(session_id, namespace=ns, turn=data.turn,
+                                                             full_record=True).written)
         if plan.base_turn == data.turn:
             blobs = data.state
         elif plan.base_turn >= 0:  # a replay: the snapshot before the divergence
@@ -547,8 +551,8 @@ class MemoryEngine:
         return Prepared(data, plan, blobs_to_state(blobs, self.model))
 
     def _full_context_tokens(self, prep: Prepared) -> int:
-        plan, record = prep.plan, prep.data.written
-        earlier = sum(r.tokens for r in record[: plan.base_written])
+        plan = prep.plan
+        earlier = plan.base_tokens
         new = sum(i.tokens for i in plan.new)
         first = plan.history[0] if plan.history and plan.history[0].index == 0 else None
         # what the template puts before the first message (SmolLM2: a default system prompt)

@@ -2,8 +2,8 @@
 
 One safetensors file per session (the name is a hash of namespace and session id, so ids never become paths),
 holding the per-layer key/value tensors of its :class:`~.kv_pool.HotContext` and, in the header, JSON with what
-the cache belongs to: namespace, session id, session version, state digest, message indices and digests, the
-engine's model and adapter fingerprints, and a SHA-256 over the tensor bytes.
+the cache belongs to: namespace, session id, session version, state digest, written-record chain, message indices
+and digests, the engine's model and adapter fingerprints, and a SHA-256 over the tensor bytes.
 
 A file is used only when all of that matches the session as loaded from the store and the checksum verifies;
 anything else (missing, stale version, another state, another model, a torn or edited file) is a miss and the
@@ -93,6 +93,7 @@ class KVCacheFiles:
             "digests": list(context.digests),
             "head_tokens": context.head_tokens,
             "tools": context.tools,
+            "record": context.record,
             "layers": len(layers),
             "fingerprints": self.fingerprints,
             "sha256": _tensor_digest([tensors[f"{kv}{i}"] for i in range(len(layers)) for kv in "kv"]),
@@ -120,7 +121,8 @@ class KVCacheFiles:
                 if not self._header_ok(meta, key):
                     return None
                 context = HotContext(None, int(meta["version"]), str(meta["state"]), tuple(meta["indices"]),
-                                     tuple(meta["digests"]), int(meta["head_tokens"]), str(meta.get("tools", "")))
+                                     tuple(meta["digests"]), int(meta["head_tokens"]), str(meta.get("tools", "")),
+                                     str(meta["record"]))
                 if not context.belongs_to(data):
                     return None  # stale: another version or state of the session
                 n = int(meta["layers"])
@@ -145,7 +147,8 @@ class KVCacheFiles:
             and meta.get("namespace") == key[0]
             and meta.get("session_id") == key[1]
             and meta.get("fingerprints") == self.fingerprints
-            and all(k in meta for k in ("version", "state", "indices", "digests", "head_tokens", "layers", "sha256"))
+            and all(k in meta for k in ("version", "state", "indices", "digests", "head_tokens", "layers", "sha256",
+                                        "record"))
         )
 
     # ------------------------------------------------------------------------------------------------- housekeeping

@@ -53,6 +53,7 @@ class HotContext:
         indices, digests: the history indices and message digests of the messages in the cache (after the head).
         head_tokens: tokens before the first message of ``indices``.
         tools: digest of the tool definitions the head was rendered with (``""``: none).
+        record: the written record's history chain (``RecordSummary.history_digest``) as committed with it.
     """
 
     cache: Any
@@ -62,6 +63,7 @@ class HotContext:
     digests: tuple[str, ...]
     head_tokens: int
     tools: str = ""
+    record: str = ""
 
     @property
     def tokens(self) -> int:
@@ -78,12 +80,13 @@ class HotContext:
             return False
         if self.state != state_digest(data.state):
             return False
-        record = data.written
-        if not self.indices:
-            return not record
-        if self.indices[-1] != len(record) - 1:
+        # The chain of every written digest at this cache's commit: equal chains mean the same written record,
+        # so its messages are the record's last ones (no read of the record needed).
+        if self.record != data.record.history_digest:
             return False
-        return all(0 <= i < len(record) and record[i].digest == d for i, d in zip(self.indices, self.digests, strict=True))
+        if not self.indices:
+            return data.record.count == 0
+        return self.indices[-1] == data.record.count - 1
 
 
 @dataclass

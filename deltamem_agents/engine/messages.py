@@ -11,6 +11,10 @@ content and the optional fields. The written record keeps it, so a resent histor
 with ``arguments`` an object when it is JSON text of one (OpenAI sends a string, templates want an object, and a
 client that re-serialises the arguments with other spacing still sends the same call): the template renders it
 as its own, and an assistant reply with calls is recognised when a client resends it.
+
+Text must be text every store backend can keep: a NUL character (PostgreSQL ``text`` cannot hold it) or a lone
+surrogate (not valid Unicode; no UTF-8 encoder takes it) anywhere in the content or the optional fields is
+refused here, before the model runs, with the same :class:`InvalidMessageError` on every backend.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..store.codec import text_problem
 from .errors import InvalidMessageError
 
 __all__ = ["ROLES", "Message", "normalize_message", "normalize_messages"]
@@ -100,11 +105,26 @@ def _canonical_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
     return out
 
 
+def _check_text(value: Any, where: str) -> None:
+    """Refuse strings a store cannot keep, anywhere in ``value`` (strings, dict keys and values, lists)."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem:
+            raise InvalidMessageError(f"{where} {problem}")
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_text(k, f"{where}: a key")
+            _check_text(v, f"{where}[{k!r}]")
+    elif isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_text(v, f"{where}[{i}]")
+
+
 def normalize_message(message: Any, position: int = 0) -> Message:
     """Validate one message (dict or object) and return a :class:`Message`.
 
-    Raises :class:`InvalidMessageError` for an unknown role, non-text content, or empty content in a system,
-    user or tool message. An assistant message may be empty (a model can answer with nothing, and frameworks
+    Raises :class:`InvalidMessageError` for an unknown role, non-text content, text with a NUL or a lone
+    surrogate, or empty content in a system, user or tool message. An assistant message may be empty (a model can answer with nothing, and frameworks
     resend that answer).
     """
     where = f"message {position}"
@@ -133,6 +153,9 @@ def normalize_message(message: Any, position: int = 0) -> Message:
                 if key == "tool_calls":
                     value = _canonical_tool_calls(value, where)
                 extra.append((key, value))
+    _check_text(text, f"{where}: content")
+    for key, value in extra:
+        _check_text(value, f"{where}: {key}")
     if role != "assistant" and not text.strip():
         raise InvalidMessageError(f"{where}: empty {role} message")
     if role == "assistant" and not text and not any(k == "tool_calls" for k, _ in extra):

@@ -14,6 +14,12 @@ apart and makes writes idempotent:
   first, or when the call is longer than the record and some later message matches the record at its index;
   otherwise ``"append"``. (An append-style client whose new message equals the session's very first message
   should say ``history="append"``.)
+
+A turn plans from the record's **summary** (:class:`~deltamem_agents.store.base.RecordSummary`: count, tokens,
+first digest and the chain of all digests), which the store keeps in the snapshot row: a resent history matches
+when the chain of its first ``count`` digests equals the record's, so matching costs no store read however long
+the session. The full record is read (``full_record``) only when it is needed: to find where a history
+diverged, or for ``"auto"`` when the call is longer than the record and its first message differs.
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ..store.base import TurnInfo, WindowMessage, WrittenMessage
+from ..store.base import ConcurrentUpdateError, RecordSummary, TurnInfo, WindowMessage, WrittenMessage
+from ..store.digests import EMPTY_CHAIN, extend_history
 from .messages import Message
 from .window import HistoryItem
 
@@ -42,6 +49,9 @@ class TurnPlan:
             index; for ``"append"`` the stored window's messages followed by the new ones.
         new: the messages to write (history items with index ≥ ``base_written``), in order.
         diverged_at: the first history index that differs from the record (None: no divergence).
+        base_tokens: tokens written for the first ``base_written`` messages.
+        base_history: the history chain of the first ``base_written`` messages (what the record's
+            ``history_digest`` is once they are written).
     """
 
     style: str
@@ -50,29 +60,35 @@ class TurnPlan:
     history: list[HistoryItem]
     new: list[HistoryItem]
     diverged_at: int | None
+    base_tokens: int = 0
+    base_history: str = EMPTY_CHAIN
 
     @property
     def replayed(self) -> bool:
         return self.diverged_at is not None
 
 
-def resolve_style(style: str, record: Sequence[WrittenMessage], messages: Sequence[Message]) -> str:
+def resolve_style(style: str, record: RecordSummary, messages: Sequence[Message],
+                  full: Callable[[], Sequence[WrittenMessage]]) -> str:
+    """``"full"`` or ``"append"`` for ``style`` (see the module docstring); ``full()`` gives the whole record and
+    is called only when the summary cannot decide."""
     if style not in HISTORY_STYLES:
         raise ValueError(f"history must be one of {HISTORY_STYLES}, got {style!r}")
     if style != "auto":
         return style
-    if not record or not messages:
+    if not record.count or not messages:
         return "full"
-    if messages[0].digest == record[0].digest:
+    if messages[0].digest == record.first_digest:
         return "full"
-    if len(messages) > len(record) and any(
-        messages[i].digest == record[i].digest for i in range(1, min(len(messages), len(record)))
-    ):
-        return "full"
+    if len(messages) > record.count:  # the record is shorter than this call: reading it costs no more than the call
+        written = full()
+        if any(messages[i].digest == written[i].digest for i in range(1, min(len(messages), len(written)))):
+            return "full"
     return "append"
 
 
-def window_items(window: Sequence[WindowMessage], record: Sequence[WrittenMessage]) -> list[HistoryItem]:
+def window_items(window: Sequence[WindowMessage], record: Sequence[WrittenMessage] | RecordSummary | None = None
+                 ) -> list[HistoryItem]:
     """The stored window as history items (roles and contents as stored; optional fields are not kept)."""
     return [HistoryItem(w.index, Message(w.role, w.content), w.tokens) for w in window]
 
@@ -81,33 +97,57 @@ def plan_turn(
     style: str,
     messages: Sequence[Message],
     token_counts: Sequence[int],
-    record: Sequence[WrittenMessage],
+    record: RecordSummary | Sequence[WrittenMessage],
     turns: Sequence[TurnInfo] | Callable[[], Sequence[TurnInfo]],
     latest_turn: int,
     stored_window: Sequence[WindowMessage],
+    *,
+    full_record: Callable[[], Sequence[WrittenMessage]] | None = None,
 ) -> TurnPlan:
     """Plan a call (see the module docstring).
 
     Args:
         messages: the call's validated messages; ``token_counts[i]`` the tokens written for ``messages[i]``.
-        record: the written record up to ``latest_turn``; ``turns`` the kept snapshots (``list_turns``), or a
-            function giving them: it is called only when the history diverged (one store query saved per turn).
+        record: the written record up to ``latest_turn``: its summary (what a load returns), or the full list.
+        turns: the kept snapshots (``list_turns``), or a function giving them: it is called only when the
+            history diverged (one store query saved per turn).
+        full_record: with a summary, a function giving the full record as of ``latest_turn``; called only when
+            the history diverged or ``"auto"`` cannot decide from the summary. If what it returns does not match
+            the summary (a concurrent writer replaced the turn meanwhile), :class:`ConcurrentUpdateError`.
     """
-    style = resolve_style(style, record, messages)
-    if style == "append":
-        start = len(record)
-        new = [HistoryItem(start + i, m, n) for i, (m, n) in enumerate(zip(messages, token_counts, strict=True))]
-        history = window_items(stored_window, record) + new
-        return TurnPlan("append", latest_turn, len(record), history, new, None)
+    if isinstance(record, RecordSummary):
+        summary, loaded = record, None
+    else:
+        loaded = list(record)
+        summary = RecordSummary.of(loaded)
 
-    history = [HistoryItem(i, m, n) for i, (m, n) in enumerate(zip(messages, token_counts, strict=True))]
-    diverged = None
-    for i, rec in enumerate(record):
-        if i >= len(messages) or messages[i].digest != rec.digest:
-            diverged = i
-            break
-    if diverged is None:
-        return TurnPlan("full", latest_turn, len(record), history, history[len(record) :], None)
+    def full() -> list[WrittenMessage]:
+        nonlocal loaded
+        if loaded is None:
+            if full_record is None:
+                raise TypeError("plan_turn was given a record summary without full_record=")
+            loaded = list(full_record())
+            if RecordSummary.of(loaded) != summary:
+                raise ConcurrentUpdateError(
+                    "the session's written record changed while this call was being planned: retry the call"
+                )
+        return loaded
+
+    style = resolve_style(style, summary, messages, full)
+    n = summary.count
+    if style == "append":
+        new = [HistoryItem(n + i, m, c) for i, (m, c) in enumerate(zip(messages, token_counts, strict=True))]
+        history = window_items(stored_window) + new
+        return TurnPlan("append", latest_turn, n, history, new, None, summary.tokens, summary.history_digest)
+
+    history = [HistoryItem(i, m, c) for i, (m, c) in enumerate(zip(messages, token_counts, strict=True))]
+    if len(messages) >= n and extend_history(EMPTY_CHAIN, (m.digest for m in messages[:n])) == summary.history_digest:
+        return TurnPlan("full", latest_turn, n, history, history[n:], None, summary.tokens, summary.history_digest)
+    written = full()
+    diverged = next((i for i, rec in enumerate(written) if i >= len(messages) or messages[i].digest != rec.digest),
+                    None)
+    if diverged is None:  # defensive: the chains differ, so some digest must
+        return TurnPlan("full", latest_turn, n, history, history[n:], None, summary.tokens, summary.history_digest)
     # Latest kept snapshot that holds only messages before the divergence.
     if callable(turns):
         turns = turns()
@@ -117,4 +157,6 @@ def plan_turn(
         base_turn, base_written = base.turn, base.written_count
     else:  # every snapshot that old was pruned: replay from nothing (see MemoryEngine: reset, then replay)
         base_turn, base_written = -1, 0
-    return TurnPlan("full", base_turn, base_written, history, history[base_written:], diverged)
+    kept = written[:base_written]
+    return TurnPlan("full", base_turn, base_written, history, history[base_written:], diverged,
+                    sum(r.tokens for r in kept), extend_history(EMPTY_CHAIN, (r.digest for r in kept)))

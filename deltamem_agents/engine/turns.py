@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 from ..adapter import DeltaMemState
 from ..models.kv_cache import cache_length
 from ..store.base import SessionData, SessionInfo, TensorBlob, WindowMessage, WrittenMessage
+from ..store.digests import extend_history
 from .batching import ModelRunner
 from .errors import ContextLengthError
 from .kv_files import KVCacheFiles
@@ -275,7 +276,7 @@ class OnlineTurns(TurnMode):
         """The session's cache if it is the one of the state this call starts from: ``(context, "hot")`` from
         the pool, ``(context, "disk")`` from a file, or ``(None, "")``."""
         plan, data = prep.plan, prep.data
-        if plan.base_turn != data.turn or plan.base_written != len(data.written):
+        if plan.base_turn != data.turn or plan.base_written != data.record.count:
             if self.pool is not None:
                 self.pool.discard(key)  # a replay starts from an older snapshot: the cache is of a dropped turn
             return None, ""
@@ -390,6 +391,7 @@ class OnlineTurns(TurnMode):
             return
         context.version = info.version
         context.state = state_digest(blobs)
+        context.record = extend_history(work.prep.plan.base_history, (w.digest for w in work.written))
         if self.pool is not None:
             self.pool.put(work.key, context)
         elif self.files is not None:

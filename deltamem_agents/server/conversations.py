@@ -143,5 +143,5 @@ async def add_items(conversation_id: str, body: ItemsCreate, request: Request, t
     messages = input_messages(body.items)
     await _call(engine.write, cid, messages, namespace=tenant.namespace, history="append", create_if_missing=False)
     data = await _call(engine.store.load, cid, namespace=tenant.namespace)
-    first_new = len(data.written) - len(messages)
+    first_new = data.record.count - len(messages)
     return _page([_item(w) for w in data.window if w.index >= first_new])

@@ -10,7 +10,8 @@ A session is identified by ``(namespace, session_id)``. It advances in **turns**
 
 * the full memory state after that turn (a list of :class:`TensorBlob`; an empty list means the zero state),
 * the :class:`WrittenMessage` records of the messages written *in that turn* (the record of everything written
-  so far is the concatenation over turns ``1..t+1``; records are indexed by their position in the history),
+  so far is the concatenation over turns ``1..t+1``; records are indexed by their position in the history, so
+  a turn's records continue the record without gaps: ``n, n+1, …`` after ``n`` records),
 * the recent window's messages after that turn (:class:`WindowMessage`, the text the prompt keeps).
 
 Every turn is a snapshot: :meth:`SessionStore.load` with ``turn=k`` gives the state, written records and window
@@ -33,6 +34,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+from .digests import EMPTY_CHAIN, extend_history
+from .errors import (
+    ConcurrentUpdateError,
+    CorruptSessionError,
+    CorruptStateError,
+    InvalidIdentifierError,
+    SessionExistsError,
+    SessionNotFoundError,
+    StorageFullError,
+    StoreError,
+    StoreUnavailableError,
+)
+
 DEFAULT_NAMESPACE = "default"
 
 #: Allowed session ids and namespaces: 1–128 characters, starting with a letter or digit, then letters, digits
@@ -42,34 +56,31 @@ IDENTIFIER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 #: Dtypes a state tensor may have (names as in torch / numpy).
 ALLOWED_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32")
 
-
-# ---------------------------------------------------------------------------------------------------- errors
-class StoreError(Exception):
-    """Base class of every error the store raises."""
-
-
-class InvalidIdentifierError(StoreError, ValueError):
-    """A session id or namespace that does not match :data:`IDENTIFIER_PATTERN`."""
-
-
-class SessionNotFoundError(StoreError, KeyError):
-    """No session with that id in that namespace (or no such turn)."""
-
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0]) if self.args else "session not found"
-
-
-class SessionExistsError(StoreError):
-    """Creating (or forking / importing into) a session id that is already taken."""
-
-
-class ConcurrentUpdateError(StoreError):
-    """The session changed since it was read (``expected_version`` is stale): nothing was written."""
-
-
-class CorruptStateError(StoreError):
-    """A stored or offered state blob is unreadable: checksum mismatch, size not matching dtype × shape,
-    unknown dtype, or malformed metadata."""
+__all__ = [
+    "ALLOWED_DTYPES",
+    "DEFAULT_NAMESPACE",
+    "IDENTIFIER_PATTERN",
+    "AsyncSessionStore",
+    "ConcurrentUpdateError",
+    "CorruptSessionError",
+    "CorruptStateError",
+    "InvalidIdentifierError",
+    "RecordSummary",
+    "SessionData",
+    "SessionExistsError",
+    "SessionInfo",
+    "SessionNotFoundError",
+    "SessionStats",
+    "SessionStore",
+    "StorageFullError",
+    "StoreError",
+    "StoreUnavailableError",
+    "TensorBlob",
+    "TurnInfo",
+    "WindowMessage",
+    "WrittenMessage",
+    "validate_identifier",
+]
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -128,14 +139,49 @@ class SessionInfo:
 
 
 @dataclass(frozen=True)
+class RecordSummary:
+    """What a turn needs to know about the written record without reading it (see :mod:`.digests`).
+
+    ``count`` records were written in turns ``1..turn`` (indexes ``0..count-1``), ``tokens`` in all;
+    ``first_digest`` is record 0's digest (``""`` when empty); ``history_digest`` the chain of all record
+    digests in index order (:func:`~deltamem_agents.store.digests.extend_history`), so a caller can check that
+    a resent history matches the whole record by hashing its own messages.
+    """
+
+    count: int
+    tokens: int
+    first_digest: str
+    history_digest: str
+
+    @classmethod
+    def of(cls, records: Sequence[WrittenMessage]) -> RecordSummary:
+        """The summary of a full record (indexes ``0..n-1`` in order)."""
+        return cls(len(records), sum(r.tokens for r in records), records[0].digest if records else "",
+                   extend_history(EMPTY_CHAIN, (r.digest for r in records)))
+
+
+@dataclass(frozen=True)
 class SessionData:
-    """A session as of one turn: header, state tensors, the full written record up to that turn, the window."""
+    """A session as of one turn: header, state tensors, the written record, the window.
+
+    ``record`` always summarises the written record up to that turn. ``written`` is the full record only when
+    it was asked for (``load(..., full_record=True)``), else ``None``: a turn does not need it, and reading it
+    costs time proportional to the session's length. Built by hand with a ``written`` list, ``record`` is
+    derived from it.
+    """
 
     info: SessionInfo
     turn: int
     state: list[TensorBlob]
-    written: list[WrittenMessage]
+    written: list[WrittenMessage] | None
     window: list[WindowMessage]
+    record: RecordSummary = None  # type: ignore[assignment]  # derived in __post_init__ when omitted
+
+    def __post_init__(self) -> None:
+        if self.record is None:
+            if self.written is None:
+                raise ValueError("SessionData needs the written record or its summary")
+            object.__setattr__(self, "record", RecordSummary.of(self.written))
 
 
 @dataclass(frozen=True)
@@ -193,8 +239,10 @@ class SessionStore(Protocol):
 
     def exists(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> bool: ...
 
-    def load(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, turn: int | None = None) -> SessionData:
-        """State, written record and window as of ``turn`` (default: latest). Checksums verified."""
+    def load(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, turn: int | None = None,
+             full_record: bool = False) -> SessionData:
+        """State, window and record summary as of ``turn`` (default: latest); with ``full_record=True`` also
+        every written record up to it. Everything returned is verified first (:class:`CorruptSessionError`)."""
         ...
 
     def commit(
@@ -209,6 +257,11 @@ class SessionStore(Protocol):
         base_turn: int | None = None,
     ) -> SessionInfo:
         """Append a turn atomically (state, newly written records, window) and bump the version.
+
+        ``written`` must continue the record of ``base_turn``: indexes ``n, n+1, …`` when it holds ``n``
+        records (:class:`CorruptStateError` otherwise); text must be storable by every backend (no NUL, no lone
+        surrogate). The base turn is verified first: nothing is committed on top of a damaged turn
+        (:class:`CorruptSessionError`).
 
         ``base_turn`` (default: the latest) is the turn this one follows: passing an earlier turn first drops
         every later turn in the same transaction (the engine's replay after a diverging history).
@@ -277,7 +330,8 @@ class AsyncSessionStore(Protocol):
     async def exists(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> bool: ...
 
     async def load(
-        self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, turn: int | None = None
+        self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, turn: int | None = None,
+        full_record: bool = False,
     ) -> SessionData: ...
 
     async def commit(

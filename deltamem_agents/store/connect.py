@@ -13,18 +13,36 @@ Sync stores use ``pysqlite`` and ``psycopg`` (3); async stores use ``aiosqlite``
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import StaticPool
 
 if TYPE_CHECKING:  # sqlalchemy.ext.asyncio needs greenlet; the sync store must work without it
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ..paths import cache_dir
+from .errors import StorageFullError, StoreError, StoreUnavailableError
+
+__all__ = [
+    "DEFAULT_SQLITE_FILENAME",
+    "WRITE_OPTION",
+    "asyncpg_server_settings",
+    "default_sqlite_path",
+    "is_memory_sqlite",
+    "make_async_engine",
+    "make_engine",
+    "normalize_url",
+    "translate_error",
+    "typed_errors",
+]
 
 #: Execution option that marks a connection's next transaction as a write (SQLite: ``BEGIN IMMEDIATE``).
 WRITE_OPTION = "deltamem_write"
@@ -75,7 +93,11 @@ def is_memory_sqlite(url: URL) -> bool:
 
 def _prepare_sqlite_file(url: URL) -> None:
     if not is_memory_sqlite(url) and not str(url.database).startswith("file:"):
-        Path(str(url.database)).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        path = Path(str(url.database)).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailableError(f"cannot create the directory of the session database {path}: {exc}") from exc
 
 
 def _install_sqlite_hooks(sync_engine: Engine, busy_timeout_s: float) -> None:
@@ -132,6 +154,56 @@ def _enable_wal(cursor: Any, busy_timeout_s: float) -> None:
         delay = min(delay * 2, 0.2)
 
 
+def _split_libpq_options(options: str) -> list[str]:
+    """libpq's ``options`` string: arguments separated by spaces, a backslash escapes the next character."""
+    args, current, escaped, started = [], [], False, False
+    for ch in options:
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = started = True
+        elif ch.isspace():
+            if started:
+                args.append("".join(current))
+            current, started = [], False
+        else:
+            current.append(ch)
+            started = True
+    if escaped:
+        raise ValueError(f"options {options!r} ends with a lone backslash")
+    if started:
+        args.append("".join(current))
+    return args
+
+
+def asyncpg_server_settings(options: str) -> dict[str, str]:
+    """Translate a libpq ``options`` string (``-c name=value``, ``-cname=value``, ``--name=value``) into
+    asyncpg's ``server_settings``: asyncpg has no ``options`` parameter, but sends the same run-time settings
+    at connection start-up. Raises :class:`ValueError` for anything else libpq would pass to the server."""
+    settings: dict[str, str] = {}
+    args = _split_libpq_options(options)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "-c" and i + 1 < len(args):
+            pair, i = args[i + 1], i + 2
+        elif arg.startswith("-c") and len(arg) > 2:
+            pair, i = arg[2:], i + 1
+        elif arg.startswith("--") and "=" in arg:
+            pair, i = arg[2:], i + 1
+        else:
+            raise ValueError(
+                f"cannot translate {arg!r} in the URL's options={options!r} for asyncpg: only run-time settings "
+                "(-c name=value) are supported"
+            )
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"cannot translate {pair!r} in the URL's options={options!r}: expected name=value")
+        settings[name.replace("-", "_")] = value
+    return settings
+
+
 def _engine_kwargs(url: URL) -> dict[str, Any]:
     if url.get_backend_name() == "sqlite":
         if is_memory_sqlite(url):
@@ -161,7 +233,80 @@ def make_async_engine(url: str | URL | None, *, busy_timeout_s: float = 30) -> A
     normalized = normalize_url(url, async_=True)
     if normalized.get_backend_name() == "sqlite":
         _prepare_sqlite_file(normalized)
-    engine = create_async_engine(normalized, **_engine_kwargs(normalized))
+    kwargs = _engine_kwargs(normalized)
+    if normalized.drivername == "postgresql+asyncpg" and "options" in normalized.query:
+        # The shared-database recipe (?options=-csearch_path%3D…) is libpq syntax; asyncpg takes server_settings.
+        options = normalized.query["options"]
+        settings: dict[str, str] = {}
+        for value in (options,) if isinstance(options, str) else options:
+            settings.update(asyncpg_server_settings(value))
+        normalized = normalized.difference_update_query(["options"])
+        kwargs["connect_args"] = {"server_settings": settings}
+    engine = create_async_engine(normalized, **kwargs)
     if normalized.get_backend_name() == "sqlite":
         _install_sqlite_hooks(engine.sync_engine, busy_timeout_s)
     return engine
+
+
+# ---------------------------------------------------------------------------------------------- errors
+_SQLITE_FULL, _SQLITE_NOTADB, _SQLITE_CANTOPEN, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT = 13, 26, 14, 8, 10, 11
+#: PostgreSQL SQLSTATEs meaning the server cannot serve us now (connection, start-up, login, resources).
+_PG_UNAVAILABLE_CLASSES = ("08", "28", "53", "57")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _sqlite_code(error: BaseException | None) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF  # the primary result code (extended codes keep it in the low byte)
+    return None
+
+
+def translate_error(error: BaseException, where: str, *, connecting: bool = False) -> StoreError | None:
+    """The typed store error for a driver / SQLAlchemy error, or None when it is none we know.
+
+    ``where`` names the database (password hidden); ``connecting`` says the error came from opening a
+    connection, where any failure means the database is unavailable. Disk full (SQLite ``SQLITE_FULL``,
+    PostgreSQL 53100) → :class:`StorageFullError`; a file that is not a database, a path that cannot be opened,
+    a refused or dropped connection, a failed login, a server shutting down → :class:`StoreUnavailableError`;
+    any other database error → :class:`StoreError` with the driver's message.
+    """
+    if isinstance(error, StoreError):
+        return None
+    orig = error.orig if isinstance(error, DBAPIError) else error
+    code = _sqlite_code(orig)
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    reason = _first_line(orig) if orig is not None else _first_line(error)
+    if code == _SQLITE_FULL or sqlstate == "53100" or "database or disk is full" in reason:
+        return StorageFullError(f"no space left for a write to the session database {where}: {reason}")
+    if code == _SQLITE_NOTADB or "file is not a database" in reason:
+        return StoreUnavailableError(f"{where} is not an SQLite database ({reason})")
+    if code in (_SQLITE_CANTOPEN, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT):
+        return StoreUnavailableError(f"cannot use the session database {where}: {reason}")
+    if isinstance(sqlstate, str) and (sqlstate.startswith(_PG_UNAVAILABLE_CLASSES) or sqlstate == "3D000"):
+        return StoreUnavailableError(f"cannot use the session database {where}: {reason}")
+    if isinstance(error, DBAPIError):
+        if connecting or error.connection_invalidated:
+            return StoreUnavailableError(f"cannot reach the session database {where}: {reason}")
+        return StoreError(f"database error on {where}: {reason}")
+    if isinstance(error, OSError | sqlite3.Error):
+        # asyncpg raises OSError (refused, unknown host, timeout) without SQLAlchemy's wrapper.
+        return StoreUnavailableError(f"cannot reach the session database {where}: {reason}")
+    return None
+
+
+@contextlib.contextmanager
+def typed_errors(where: str, *, connecting: bool = False) -> Iterator[None]:
+    """Re-raise database errors inside the block as typed store errors (see :func:`translate_error`); the
+    driver's error stays attached as ``__cause__``. Works around ``await`` too (a plain ``with``)."""
+    try:
+        yield
+    except (DBAPIError, OSError, sqlite3.Error) as exc:
+        typed = translate_error(exc, where, connecting=connecting)
+        if typed is None:
+            raise
+        raise typed from exc

@@ -8,6 +8,7 @@ Thread-safe (one lock around every operation); nothing survives the process.
 from __future__ import annotations
 
 import copy
+import itertools
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -17,7 +18,6 @@ from typing import Any
 from .base import (
     DEFAULT_NAMESPACE,
     ConcurrentUpdateError,
-    CorruptStateError,
     SessionData,
     SessionExistsError,
     SessionInfo,
@@ -29,7 +29,15 @@ from .base import (
     WrittenMessage,
     validate_identifier,
 )
-from .codec import prepare_state, prepare_window, prepare_written
+from .codec import (
+    SnapshotFacts,
+    check_continues,
+    check_fingerprints,
+    prepare_metadata,
+    prepare_state,
+    prepare_window,
+    prepare_written,
+)
 
 __all__ = ["InMemorySessionStore"]
 
@@ -38,7 +46,7 @@ __all__ = ["InMemorySessionStore"]
 class _Turn:
     turn: int
     created_at: datetime
-    written_count: int
+    facts: SnapshotFacts  # counts and record chains, as the SQL store's snapshot row
     state: list[TensorBlob]
     written: list[WrittenMessage]  # records written *in* this turn
     window: list[WindowMessage]
@@ -47,6 +55,7 @@ class _Turn:
 @dataclass
 class _Session:
     info: SessionInfo
+    seq: int  # creation order: breaks ties between equal timestamps like the SQL store's never-reused id
     turns: dict[int, _Turn] = field(default_factory=dict)
 
 
@@ -73,6 +82,7 @@ class InMemorySessionStore:
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._lock = threading.RLock()
         self._closed = False
+        self._seq = itertools.count()
 
     # -- helpers --------------------------------------------------------------------------------------------
     def _key(self, session_id: str, namespace: str) -> tuple[str, str]:
@@ -145,21 +155,18 @@ class InMemorySessionStore:
     ) -> SessionInfo:
         with self._lock:
             key = self._key(session_id, namespace)
-            for what, value in (("model_fingerprint", model_fingerprint), ("adapter_fingerprint", adapter_fingerprint)):
-                if not isinstance(value, str):
-                    raise TypeError(f"{what} must be a string, got {type(value).__name__}")
-            if metadata is not None and not isinstance(metadata, dict):
-                raise CorruptStateError(f"metadata must be a dict, got {type(metadata).__name__}")
+            meta = prepare_metadata(metadata)
+            check_fingerprints(model_fingerprint, adapter_fingerprint)
             if key in self._sessions:
                 raise SessionExistsError(f"{_label(*key)} already exists")
             now = _now()
             info = SessionInfo(
                 session_id=session_id, namespace=namespace, model_fingerprint=model_fingerprint,
                 adapter_fingerprint=adapter_fingerprint, version=1, turn=0, created_at=now, updated_at=now,
-                metadata=copy.deepcopy(metadata or {}),
+                metadata=meta,
             )
-            sess = _Session(info)
-            sess.turns[0] = _Turn(0, now, 0, [], [], [])
+            sess = _Session(info, next(self._seq))
+            sess.turns[0] = _Turn(0, now, SnapshotFacts.fresh(), [], [], [])
             self._sessions[key] = sess
             return info
 
@@ -171,7 +178,10 @@ class InMemorySessionStore:
         with self._lock:
             return self._key(session_id, namespace) in self._sessions
 
-    def load(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, turn: int | None = None) -> SessionData:
+    def load(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, turn: int | None = None,
+             full_record: bool = False) -> SessionData:
+        if not isinstance(full_record, bool):
+            raise TypeError("full_record must be a bool")
         with self._lock:
             sess = self._require(session_id, namespace)
             snap = self._snapshot(sess, sess.info.turn if turn is None else turn)
@@ -179,8 +189,9 @@ class InMemorySessionStore:
                 info=sess.info,
                 turn=snap.turn,
                 state=list(snap.state),
-                written=self._records_upto(sess, snap.turn),
+                written=self._records_upto(sess, snap.turn) if full_record else None,
                 window=list(snap.window),
+                record=snap.facts.summary(),
             )
 
     def commit(
@@ -201,12 +212,14 @@ class InMemorySessionStore:
             sess = self._require(session_id, namespace)
             self._check_version(sess, expected_version)
             base = self._snapshot(sess, sess.info.turn if base_turn is None else base_turn)
+            check_continues(records, base.facts.written_count)
             for t in [t for t in sess.turns if t > base.turn]:
                 del sess.turns[t]
             new_turn = base.turn + 1
             info = self._bump(sess, new_turn)
             sess.turns[new_turn] = _Turn(
-                new_turn, info.updated_at, base.written_count + len(records), blobs, records, messages
+                new_turn, info.updated_at, base.facts.after(new_turn, blobs, records, messages), blobs, records,
+                messages,
             )
             self._prune(sess)
             return info
@@ -229,7 +242,7 @@ class InMemorySessionStore:
             sess = self._require(session_id, namespace)
             self._check_version(sess, expected_version)
             info = self._bump(sess, 0)
-            sess.turns = {0: _Turn(0, info.updated_at, 0, [], [], [])}
+            sess.turns = {0: _Turn(0, info.updated_at, SnapshotFacts.fresh(), [], [], [])}
             return info
 
     def fork(
@@ -252,7 +265,7 @@ class InMemorySessionStore:
                 src.info, session_id=new_id, namespace=target_key[0], version=1, turn=snap.turn,
                 created_at=now, updated_at=now, metadata=copy.deepcopy(src.info.metadata),
             )
-            sess = _Session(info)
+            sess = _Session(info, next(self._seq))
             for t, s in src.turns.items():  # blobs and records are immutable: sharing them is safe
                 if t <= snap.turn:
                     sess.turns[t] = replace(s, state=list(s.state), written=list(s.written), window=list(s.window))
@@ -272,15 +285,15 @@ class InMemorySessionStore:
         with self._lock:
             if namespace is not None:
                 validate_identifier(namespace, "namespace")
-            infos = [s.info for (ns, _), s in self._sessions.items() if namespace is None or ns == namespace]
-            infos.sort(key=lambda i: i.updated_at, reverse=True)
-            return infos[offset : offset + limit]
+            found = [s for (ns, _), s in self._sessions.items() if namespace is None or ns == namespace]
+            found.sort(key=lambda s: (s.info.updated_at, s.seq), reverse=True)
+            return [s.info for s in found[offset : offset + limit]]
 
     def list_turns(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> list[TurnInfo]:
         with self._lock:
             sess = self._require(session_id, namespace)
             return [
-                TurnInfo(turn=t, created_at=s.created_at, written_count=s.written_count,
+                TurnInfo(turn=t, created_at=s.created_at, written_count=s.facts.written_count,
                          state_bytes=sum(len(b.data) for b in s.state))
                 for t, s in sorted(sess.turns.items())
             ]

@@ -3,8 +3,8 @@
 Files live in ``store/migrations/`` and are named ``NNNN_name.<dialect>.sql`` (dialect ``sqlite`` or
 ``postgresql``); every version exists for every dialect. The table ``deltamem_schema_version`` records which
 versions a database has. :func:`upgrade` applies the missing ones in order, **each in its own transaction
-together with its version row**, so a migration is either fully applied and recorded or not at all, and running
-:func:`upgrade` again is a no-op.
+together with its version row** (and the Python step of :mod:`.upgrade_steps` for that version, if any), so a
+migration is either fully applied and recorded or not at all, and running :func:`upgrade` again is a no-op.
 
 Several processes may open a store at once, and each upgrades on open: the migration transaction takes the
 database's write lock first (``BEGIN IMMEDIATE`` on SQLite, an advisory transaction lock on PostgreSQL) and then
@@ -22,18 +22,27 @@ from importlib import resources
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.engine import URL
 
-from .base import StoreError
-from .connect import WRITE_OPTION, make_engine
+from .connect import WRITE_OPTION, make_engine, typed_errors
+from .errors import SchemaVersionError, StoreError
+from .upgrade_steps import STEPS
+
+__all__ = [
+    "VERSION_TABLE",
+    "Migration",
+    "SchemaVersionError",
+    "check_version_on",
+    "current_version",
+    "current_version_on",
+    "latest_version",
+    "migrations",
+    "upgrade",
+    "upgrade_on",
+]
 
 VERSION_TABLE = "deltamem_schema_version"
 #: Key of the PostgreSQL advisory lock that serialises migrations (any constant unique to deltamem).
 _PG_LOCK_KEY = 0x0DE17A3E3
 _FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.(sqlite|postgresql)\.sql$")
-
-
-class SchemaVersionError(StoreError):
-    """The database's schema is not the one this version of deltamem expects (too old with
-    ``auto_migrate=False``, or newer than any migration this package ships)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +139,9 @@ def upgrade_on(conn: Connection) -> list[str]:
                     continue
                 for statement in migration.statements(dialect):
                     conn.exec_driver_sql(statement)
+                step = STEPS.get(migration.version)
+                if step is not None:  # e.g. backfilling what the new columns must hold for existing rows
+                    step(conn)
                 conn.execute(
                     text(f"INSERT INTO {VERSION_TABLE} (version, name, applied_at) VALUES (:v, :n, :t)"),
                     {"v": migration.version, "n": migration.name, "t": datetime.now(UTC).isoformat()},
@@ -165,8 +177,11 @@ def upgrade(url_or_engine: str | URL | Engine | None = None) -> list[str]:
     Returns the names of the migrations applied (empty when it was already up to date).
     """
     engine, owned = _with_engine(url_or_engine)
+    where = engine.url.render_as_string(hide_password=True)
     try:
-        with engine.connect() as conn:
+        with typed_errors(where, connecting=True):
+            conn = engine.connect()
+        with conn, typed_errors(where):
             return upgrade_on(conn)
     finally:
         if owned:
@@ -176,8 +191,11 @@ def upgrade(url_or_engine: str | URL | Engine | None = None) -> list[str]:
 def current_version(url_or_engine: str | URL | Engine | None = None) -> int:
     """The schema version of the database (0 when it has none yet)."""
     engine, owned = _with_engine(url_or_engine)
+    where = engine.url.render_as_string(hide_password=True)
     try:
-        with engine.connect() as conn:
+        with typed_errors(where, connecting=True):
+            conn = engine.connect()
+        with conn, typed_errors(where):
             return current_version_on(conn)
     finally:
         if owned:

@@ -28,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .base import (
     ConcurrentUpdateError,
+    CorruptSessionError,
     CorruptStateError,
     SessionData,
     SessionExistsError,
@@ -40,8 +41,19 @@ from .base import (
     WrittenMessage,
     validate_identifier,
 )
-from .codec import prepare_state, prepare_window, prepare_written, verify_blob
+from .codec import (
+    SnapshotFacts,
+    check_continues,
+    check_fingerprints,
+    prepare_metadata,
+    prepare_state,
+    prepare_window,
+    prepare_written,
+    record_problem,
+    verify_blob,
+)
 from .connect import WRITE_OPTION
+from .digests import header_digest, tensors_digest, window_digest
 from .schema import SessionRow, SnapshotRow, StateTensorRow, WindowMessageRow, WrittenMessageRow
 
 T = TypeVar("T")
@@ -81,9 +93,7 @@ def _label(namespace: str, session_id: str) -> str:
 
 
 def _info(row: Row) -> SessionInfo:
-    meta = row.metadata
-    if isinstance(meta, str):  # defensive: a driver that does not decode JSON
-        meta = json.loads(meta)
+    meta = _metadata_of(row)
     return SessionInfo(
         session_id=row.session_id,
         namespace=row.namespace,
@@ -93,7 +103,7 @@ def _info(row: Row) -> SessionInfo:
         turn=int(row.turn),
         created_at=_utc(row.created_at),
         updated_at=_utc(row.updated_at),
-        metadata=dict(meta or {}),
+        metadata=meta,
     )
 
 
@@ -108,11 +118,54 @@ def _header(conn: Connection, namespace: str, session_id: str, *, lock: str | No
     return conn.execute(stmt).first()
 
 
-def _require(conn: Connection, namespace: str, session_id: str, *, lock: str | None = None) -> Row:
+def _require(conn: Connection, namespace: str, session_id: str, *, lock: str | None = None,
+             verify: bool = False) -> Row:
+    """The header row or :class:`SessionNotFoundError`; ``verify`` checks its digest (identity, fingerprints,
+    metadata) — every path that hands a session's data to a caller, or writes on top of it, does."""
     row = _header(conn, namespace, session_id, lock=lock)
     if row is None:
         raise SessionNotFoundError(f"{_label(namespace, session_id)} not found")
+    if verify and row.header_digest != _header_digest_of(row):
+        raise CorruptSessionError(
+            f"{_label(namespace, session_id)}: its header (fingerprints or metadata) does not match its digest "
+            "(altered or damaged)", namespace=namespace, session_id=session_id,
+        )
     return row
+
+
+def _metadata_of(row: Row) -> dict[str, Any]:
+    meta = row.metadata
+    if isinstance(meta, str):  # defensive: a driver that does not decode JSON
+        meta = json.loads(meta)
+    return dict(meta or {})
+
+
+def _header_digest_of(row: Row) -> str:
+    return header_digest(row.namespace, row.session_id, row.model_fingerprint, row.adapter_fingerprint,
+                         _metadata_of(row))
+
+
+def _seal_header(conn: Connection, pk: int) -> SessionInfo:
+    """Compute the new header's digest from the row as the database hands it back, store it, return the info."""
+    row = conn.execute(select(SESSIONS).where(SESSIONS.c.id == pk)).one()
+    conn.execute(update(SESSIONS).where(SESSIONS.c.id == pk).values(header_digest=_header_digest_of(row)))
+    return _info(row)
+
+
+def _verified_facts(header: Row, snap: Row) -> SnapshotFacts:
+    """The snapshot row's facts, after checking them against its digest (the row alone, no children read)."""
+    facts = SnapshotFacts.from_row(snap)
+    if not snap.digest:
+        raise _corrupt(header, snap.turn, "the turn is not sealed: it failed verification when the database was "
+                       "upgraded to digests (schema 2), or its digest was erased")
+    if facts.digest() != snap.digest:
+        raise _corrupt(header, snap.turn, "its snapshot row (counts or record chains) does not match its digest")
+    return facts
+
+
+def _corrupt(header: Row, turn: int, what: str) -> CorruptSessionError:
+    return CorruptSessionError(f"turn {turn} of {_label(header.namespace, header.session_id)}: {what}",
+                               namespace=header.namespace, session_id=header.session_id, turn=turn)
 
 
 def _snapshot(conn: Connection, header: Row, turn: int) -> Row:
@@ -171,14 +224,10 @@ def _delete_turns(conn: Connection, pk: int, *, after: int | None = None, before
         conn.execute(stmt)
 
 
-def _insert_turn(conn: Connection, pk: int, turn: int, *, written_count: int, state: Sequence[TensorBlob],
+def _insert_turn(conn: Connection, pk: int, facts: SnapshotFacts, *, state: Sequence[TensorBlob],
                  written: Sequence[WrittenMessage], window: Sequence[WindowMessage], now: datetime) -> None:
-    conn.execute(
-        insert(SNAPSHOTS).values(
-            session_pk=pk, turn=turn, created_at=now, written_count=written_count, tensor_count=len(state),
-            state_bytes=sum(len(b.data) for b in state), window_count=len(window),
-        )
-    )
+    turn = facts.turn
+    conn.execute(insert(SNAPSHOTS).values(session_pk=pk, created_at=now, **facts.columns()))
     # executemany with an empty parameter list is an error in some drivers, hence the guards.
     if state:
         conn.execute(insert(TENSORS), [
@@ -212,25 +261,11 @@ def _prune(conn: Connection, pk: int, max_snapshots: int | None) -> None:
         _delete_turns(conn, pk, before=cutoff, written=False)
 
 
-def _check_metadata(metadata: dict[str, Any] | None) -> dict[str, Any]:
-    if metadata is None:
-        return {}
-    if not isinstance(metadata, dict):
-        raise CorruptStateError(f"metadata must be a dict, got {type(metadata).__name__}")
-    try:
-        # Round-trip so what we store is exactly what a later read returns (tuples become lists, etc.).
-        return json.loads(json.dumps(metadata, allow_nan=False))
-    except (TypeError, ValueError) as exc:
-        raise CorruptStateError(f"metadata must be JSON-serialisable: {exc}") from exc
-
-
 # ---------------------------------------------------------------------------------------------- operations
 def create(conn: Connection, session_id: str, namespace: str, model_fingerprint: str,
            adapter_fingerprint: str, metadata: dict[str, Any] | None) -> SessionInfo:
-    meta = _check_metadata(metadata)
-    for what, value in (("model_fingerprint", model_fingerprint), ("adapter_fingerprint", adapter_fingerprint)):
-        if not isinstance(value, str):
-            raise TypeError(f"{what} must be a string, got {type(value).__name__}")
+    meta = prepare_metadata(metadata)
+    check_fingerprints(model_fingerprint, adapter_fingerprint)
     if _header(conn, namespace, session_id) is not None:
         raise SessionExistsError(f"{_label(namespace, session_id)} already exists")
     now = _now()
@@ -239,13 +274,13 @@ def create(conn: Connection, session_id: str, namespace: str, model_fingerprint:
             insert(SESSIONS).values(
                 session_id=session_id, namespace=namespace, model_fingerprint=model_fingerprint,
                 adapter_fingerprint=adapter_fingerprint, version=1, turn=0, created_at=now, updated_at=now,
-                metadata=meta,
+                metadata=meta, header_digest="",
             )
         ).inserted_primary_key[0]
     except IntegrityError as exc:  # lost a race with another create of the same id (PostgreSQL)
         raise SessionExistsError(f"{_label(namespace, session_id)} already exists") from exc
-    _insert_turn(conn, pk, 0, written_count=0, state=[], written=[], window=[], now=now)
-    return _info(conn.execute(select(SESSIONS).where(SESSIONS.c.id == pk)).one())
+    _insert_turn(conn, pk, SnapshotFacts.fresh(), state=[], written=[], window=[], now=now)
+    return _seal_header(conn, pk)
 
 
 def get(conn: Connection, session_id: str, namespace: str) -> SessionInfo:
@@ -256,40 +291,59 @@ def exists(conn: Connection, session_id: str, namespace: str) -> bool:
     return _header(conn, namespace, session_id) is not None
 
 
-def load(conn: Connection, session_id: str, namespace: str, turn: int | None) -> SessionData:
-    header = _require(conn, namespace, session_id)
+def load(conn: Connection, session_id: str, namespace: str, turn: int | None,
+         full_record: bool = False) -> SessionData:
+    """One turn, verified: the header's digest, the snapshot row's digest, every blob's checksum, the tensor
+    table and the window against the row's digests (and with ``full_record`` the record against its chain).
+    The written rows are read only when ``full_record`` asks: a turn needs just the summary in the row."""
+    if not isinstance(full_record, bool):
+        raise TypeError("full_record must be a bool")
+    header = _require(conn, namespace, session_id, verify=True)
     snap = _snapshot(conn, header, header.turn if turn is None else turn)
+    facts = _verified_facts(header, snap)
     pk, k = header.id, snap.turn
-    label = f"turn {k} of {_label(namespace, session_id)}"
 
-    state = [
-        verify_blob(r.name, r.dtype, r.shape, r.data, r.checksum)
-        for r in conn.execute(
-            select(TENSORS).where(TENSORS.c.session_pk == pk, TENSORS.c.turn == k).order_by(TENSORS.c.position)
-        )
-    ]
-    written = [
-        WrittenMessage(index=r.message_index, role=r.role, digest=r.digest, tokens=r.tokens)
-        for r in conn.execute(
-            select(WRITTEN).where(WRITTEN.c.session_pk == pk, WRITTEN.c.turn <= k)
-            .order_by(WRITTEN.c.turn, WRITTEN.c.message_index)
-        )
-    ]
+    try:
+        state = [
+            verify_blob(r.name, r.dtype, r.shape, r.data, r.checksum)
+            for r in conn.execute(
+                select(TENSORS).where(TENSORS.c.session_pk == pk, TENSORS.c.turn == k).order_by(TENSORS.c.position)
+            )
+        ]
+    except CorruptStateError as exc:
+        raise _corrupt(header, k, str(exc)) from exc
     window = [
         WindowMessage(index=r.message_index, role=r.role, content=r.content, tokens=r.tokens)
         for r in conn.execute(
             select(WINDOW).where(WINDOW.c.session_pk == pk, WINDOW.c.turn == k).order_by(WINDOW.c.position)
         )
     ]
-    # The snapshot row says what the turn holds; anything else means rows were lost or added behind our back.
-    found = (len(state), sum(len(b.data) for b in state), len(written), len(window))
-    wanted = (snap.tensor_count, snap.state_bytes, snap.written_count, snap.window_count)
+    # The snapshot row says what the turn holds; anything else means rows were lost, added or altered.
+    found = (len(state), sum(len(b.data) for b in state), len(window))
+    wanted = (facts.tensor_count, facts.state_bytes, facts.window_count)
     if found != wanted:
-        raise CorruptStateError(
-            f"{label} is incomplete: found (tensors, state bytes, written, window) = {found}, "
-            f"the snapshot records {wanted}"
-        )
-    return SessionData(info=_info(header), turn=k, state=state, written=written, window=window)
+        raise _corrupt(header, k, f"the turn is incomplete: found (tensors, state bytes, window) = {found}, "
+                                  f"the snapshot records {wanted}")
+    if tensors_digest([(b.name, b.dtype, b.shape, b.checksum) for b in state]) != facts.tensors_digest:
+        raise _corrupt(header, k, "a state tensor's name, dtype, shape or checksum was altered "
+                                  "(tensor table digest mismatch)")
+    if window_digest(window) != facts.window_digest:
+        raise _corrupt(header, k, "a window message's text, role, index or token count was altered "
+                                  "(window digest mismatch)")
+    written = None
+    if full_record:
+        written = [
+            WrittenMessage(index=r.message_index, role=r.role, digest=r.digest, tokens=r.tokens)
+            for r in conn.execute(
+                select(WRITTEN).where(WRITTEN.c.session_pk == pk, WRITTEN.c.turn <= k)
+                .order_by(WRITTEN.c.turn, WRITTEN.c.message_index)
+            )
+        ]
+        problem = record_problem(written, facts)
+        if problem:
+            raise _corrupt(header, k, f"the written record does not verify: {problem}")
+    return SessionData(info=_info(header), turn=k, state=state, written=written, window=window,
+                       record=facts.summary())
 
 
 def commit(conn: Connection, session_id: str, namespace: str, expected_version: int,
@@ -300,15 +354,17 @@ def commit(conn: Connection, session_id: str, namespace: str, expected_version: 
         raise TypeError("expected_version must be an int")
     blobs, records, messages = prepare_state(state), prepare_written(written), prepare_window(window)
 
-    header = _require(conn, namespace, session_id, lock="update")
+    header = _require(conn, namespace, session_id, lock="update", verify=True)
     _check_version(header, expected_version)
     base = _snapshot(conn, header, header.turn if base_turn is None else base_turn)
+    base_facts = _verified_facts(header, base)  # never commit on top of a damaged turn
+    check_continues(records, base_facts.written_count)
     now = _now()
     new_turn = base.turn + 1
     info = _bump(conn, header, turn=new_turn, now=now)
     if base.turn < header.turn:  # replay after a diverging history: later turns go, in this transaction
         _delete_turns(conn, header.id, after=base.turn)
-    _insert_turn(conn, header.id, new_turn, written_count=base.written_count + len(records), state=blobs,
+    _insert_turn(conn, header.id, base_facts.after(new_turn, blobs, records, messages), state=blobs,
                  written=records, window=messages, now=now)
     _prune(conn, header.id, max_snapshots)
     return info
@@ -330,7 +386,7 @@ def reset(conn: Connection, session_id: str, namespace: str, expected_version: i
     now = _now()
     info = _bump(conn, header, turn=0, now=now)
     _delete_turns(conn, header.id)
-    _insert_turn(conn, header.id, 0, written_count=0, state=[], written=[], window=[], now=now)
+    _insert_turn(conn, header.id, SnapshotFacts.fresh(), state=[], written=[], window=[], now=now)
     return info
 
 
@@ -340,8 +396,9 @@ def fork(conn: Connection, source_id: str, new_id: str, namespace: str, new_name
     validate_identifier(target_ns, "namespace")
     validate_identifier(new_id, "session id")
     # A share lock keeps the source's mutations out while we copy, without blocking its readers.
-    src = _require(conn, namespace, source_id, lock="share")
+    src = _require(conn, namespace, source_id, lock="share", verify=True)
     snap = _snapshot(conn, src, src.turn if turn is None else turn)
+    _verified_facts(src, snap)
     if _header(conn, target_ns, new_id) is not None:
         raise SessionExistsError(f"{_label(target_ns, new_id)} already exists")
     now = _now()
@@ -350,7 +407,7 @@ def fork(conn: Connection, source_id: str, new_id: str, namespace: str, new_name
             insert(SESSIONS).values(
                 session_id=new_id, namespace=target_ns, model_fingerprint=src.model_fingerprint,
                 adapter_fingerprint=src.adapter_fingerprint, version=1, turn=snap.turn, created_at=now,
-                updated_at=now, metadata=src.metadata,
+                updated_at=now, metadata=src.metadata, header_digest="",
             )
         ).inserted_primary_key[0]
     except IntegrityError as exc:
@@ -362,7 +419,8 @@ def fork(conn: Connection, source_id: str, new_id: str, namespace: str, new_name
             table.c.session_pk == src.id, table.c.turn <= snap.turn
         )
         conn.execute(insert(table).from_select(["session_pk", *(c.name for c in columns)], source))
-    return _info(conn.execute(select(SESSIONS).where(SESSIONS.c.id == pk)).one())
+    # Snapshot digests do not name the session, so the copied rows stay valid; the header is the fork's own.
+    return _seal_header(conn, pk)
 
 
 def delete_session(conn: Connection, session_id: str, namespace: str) -> None:

@@ -35,6 +35,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import BYTEA, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -74,6 +75,8 @@ class SessionRow(Base):
     updated_at: Mapped[datetime] = mapped_column(Timestamp)
     # ``metadata`` is reserved by the declarative API, hence the attribute name.
     meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSONType)
+    # Seals namespace, session_id, fingerprints and metadata (store.digests.header_digest). Schema 2.
+    header_digest: Mapped[str] = mapped_column(String(64), server_default=text("''"))
 
 
 class SnapshotRow(Base):
@@ -85,10 +88,19 @@ class SnapshotRow(Base):
     turn: Mapped[int] = mapped_column(Integer, primary_key=True)  # (session_pk, turn) is unique
     created_at: Mapped[datetime] = mapped_column(Timestamp)
     written_count: Mapped[int] = mapped_column(Integer)  # records written in turns 1..turn
-    # What the turn's rows must add up to; a load that finds anything else raises CorruptStateError.
+    # What the turn's rows must add up to; a load that finds anything else raises CorruptSessionError.
     tensor_count: Mapped[int] = mapped_column(Integer)
     state_bytes: Mapped[int] = mapped_column(BigInteger)
     window_count: Mapped[int] = mapped_column(Integer)
+    # Schema 2 (store.digests): the record summary a turn needs without reading the record, the chains the
+    # record must hash to, the digests of the turn's child rows, and the digest sealing all of this row.
+    written_tokens: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    first_digest: Mapped[str] = mapped_column(String(128), server_default=text("''"))
+    history_digest: Mapped[str] = mapped_column(String(64), server_default=text("''"))
+    record_digest: Mapped[str] = mapped_column(String(64), server_default=text("''"))
+    tensors_digest: Mapped[str] = mapped_column(String(64), server_default=text("''"))
+    window_digest: Mapped[str] = mapped_column(String(64), server_default=text("''"))
+    digest: Mapped[str] = mapped_column(String(64), server_default=text("''"))  # "" = not sealed
 
 
 class StateTensorRow(Base):

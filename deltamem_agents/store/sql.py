@@ -24,11 +24,13 @@ from .base import (
     WindowMessage,
     WrittenMessage,
 )
-from .connect import make_async_engine, make_engine
+from .connect import make_async_engine, make_engine, typed_errors
 from .migrate import check_version_on, upgrade_on
 
 if TYPE_CHECKING:  # importing sqlalchemy.ext.asyncio needs greenlet; only the async store needs it at run time
     from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["AsyncSQLSessionStore", "SQLSessionStore", "open_async_store", "open_store"]
 
 
 def _check_options(max_snapshots: int | None, busy_timeout_s: float) -> None:
@@ -60,7 +62,9 @@ class SQLSessionStore:
         self.max_snapshots = max_snapshots
         self._engine = make_engine(url, busy_timeout_s=busy_timeout_s)
         try:
-            with self._engine.connect() as conn:
+            with typed_errors(self.url, connecting=True):
+                conn = self._engine.connect()
+            with conn, typed_errors(self.url):
                 if auto_migrate:
                     upgrade_on(conn)
                 else:
@@ -83,7 +87,9 @@ class SQLSessionStore:
         return f"{type(self).__name__}({self.url!r})"
 
     def _run(self, write: bool, fn: Any, *args: Any) -> Any:
-        with self._engine.connect() as conn:
+        with typed_errors(self.url, connecting=True):
+            conn = self._engine.connect()
+        with conn, typed_errors(self.url):
             return ops.run_in_transaction(conn, write, fn, *args)
 
     # ------------------------------------------------------------------------------------------ the contract
@@ -98,8 +104,9 @@ class SQLSessionStore:
     def exists(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE) -> bool:
         return self._run(False, ops.exists, session_id, namespace)
 
-    def load(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, turn: int | None = None) -> SessionData:
-        return self._run(False, ops.load, session_id, namespace, turn)
+    def load(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, turn: int | None = None,
+             full_record: bool = False) -> SessionData:
+        return self._run(False, ops.load, session_id, namespace, turn, full_record)
 
     def commit(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, expected_version: int,
                state: Sequence[TensorBlob], written: Sequence[WrittenMessage], window: Sequence[WindowMessage],
@@ -173,16 +180,26 @@ class AsyncSQLSessionStore:
     async def open(self) -> AsyncSQLSessionStore:
         """Migrate (or check) the schema. Idempotent."""
         if not self._opened:
-            async with self._engine.connect() as conn:
-                await conn.run_sync(upgrade_on if self._auto_migrate else check_version_on)
+            with typed_errors(self.url, connecting=True):
+                conn = await self._engine.connect().start()
+            try:
+                with typed_errors(self.url):
+                    await conn.run_sync(upgrade_on if self._auto_migrate else check_version_on)
+            finally:
+                await conn.close()
             self._opened = True
         return self
 
     async def _run(self, write: bool, fn: Any, *args: Any) -> Any:
         if not self._opened:
             await self.open()
-        async with self._engine.connect() as conn:
-            return await conn.run_sync(ops.run_in_transaction, write, fn, *args)
+        with typed_errors(self.url, connecting=True):
+            conn = await self._engine.connect().start()
+        try:
+            with typed_errors(self.url):
+                return await conn.run_sync(ops.run_in_transaction, write, fn, *args)
+        finally:
+            await conn.close()
 
     # ------------------------------------------------------------------------------------------ the contract
     async def create(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, model_fingerprint: str,
@@ -197,8 +214,8 @@ class AsyncSQLSessionStore:
         return await self._run(False, ops.exists, session_id, namespace)
 
     async def load(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE,
-                   turn: int | None = None) -> SessionData:
-        return await self._run(False, ops.load, session_id, namespace, turn)
+                   turn: int | None = None, full_record: bool = False) -> SessionData:
+        return await self._run(False, ops.load, session_id, namespace, turn, full_record)
 
     async def commit(self, session_id: str, *, namespace: str = DEFAULT_NAMESPACE, expected_version: int,
                      state: Sequence[TensorBlob], written: Sequence[WrittenMessage],

@@ -160,14 +160,14 @@ def test_memory_store_contract():
     with pytest.raises(ConcurrentUpdateError):
         s.commit("a", expected_version=v - 1, state=[blob], written=[], window=[])
     assert [t.turn for t in s.list_turns("a")] == [2, 3, 4]  # pruned, the record stays
-    assert len(s.load("a").written) == 4 and len(s.load("a", turn=2).written) == 2
+    assert s.load("a").record.count == 4 and len(s.load("a", turn=2, full_record=True).written) == 2
     with pytest.raises(SessionNotFoundError):
         s.load("a", turn=1)
     with pytest.raises(CorruptStateError):
         s.commit("a", expected_version=v, state=[TensorBlob("memory", "float32", (2,), b"\0")], written=[], window=[])
     assert s.get("a").version == v  # nothing changed
     info = s.commit("a", expected_version=v, state=[], written=[], window=[], base_turn=2)
-    assert info.turn == 3 and len(s.load("a").written) == 2
+    assert info.turn == 3 and s.load("a").record.count == 2
     f = s.fork("a", "b", turn=2)
     assert f.turn == 2 and s.load("b").turn == 2
     s.rollback("a", turn=2)

@@ -196,7 +196,7 @@ def check_record(store_url: str, session: str, acked: list[tuple[str, dict[str, 
     assert turns == list(range(1, n + 1)), turns  # every acknowledged turn got its own number; none overwritten
     store = SQLSessionStore(store_url)
     try:
-        data = store.load(session, namespace="default")
+        data = store.load(session, namespace="default", full_record=True)
     finally:
         store.close()
     assert data.info.turn == n and data.info.version == 1 + n, (data.info, n)

@@ -19,8 +19,9 @@ def blob(name: str = "layer0", dtype: str = "float32", shape: tuple[int, ...] = 
     return TensorBlob(name=name, dtype=dtype, shape=shape, data=random.Random(seed).randbytes(n))
 
 
-def written(*indexes: int) -> list[WrittenMessage]:
-    return [WrittenMessage(index=i, role="user", digest=f"{i:064x}", tokens=10 + i) for i in indexes]
+def written(*indexes: int, tag: str = "") -> list[WrittenMessage]:
+    """Records of these history indexes; ``tag`` varies the digests (another message at the same position)."""
+    return [WrittenMessage(index=i, role="user", digest=f"{tag}{i:064x}"[-64:], tokens=10 + i) for i in indexes]
 
 
 def window(*indexes: int) -> list[WindowMessage]:
@@ -31,16 +32,24 @@ def new_session(store, ns: str, sid: str = "s1", **kw):
     return store.create(sid, namespace=ns, model_fingerprint="model-fp", adapter_fingerprint="adapter-fp", **kw)
 
 
-def commit_turns(store, ns: str, sid: str, n: int, start_index: int = 0):
-    """Commit ``n`` turns, turn k writing message ``start_index + k - 1`` and a state seeded by k."""
-    info = store.get(sid, namespace=ns)
+def commit_turns(store, ns: str, sid: str, n: int, tag: str = ""):
+    """Commit ``n`` turns, each writing the next message of the record (digests varied by ``tag``), a state
+    seeded by the turn number and a one-message window."""
+    data = store.load(sid, namespace=ns)
+    info, count = data.info, data.record.count
     for _ in range(n):
         k = info.turn + 1
         info = store.commit(
             sid, namespace=ns, expected_version=info.version, state=[blob(seed=k), blob("layer1", seed=-k)],
-            written=written(start_index + k - 1), window=window(k - 1),
+            written=written(count, tag=tag), window=window(k - 1),
         )
+        count += 1
     return info
+
+
+def indexes(store, ns: str, sid: str, **kw) -> list[int]:
+    """The indexes of the full written record (``load(..., full_record=True)``)."""
+    return [w.index for w in store.load(sid, namespace=ns, full_record=True, **kw).written]
 
 
 def session_pk(engine, ns: str, sid: str) -> int | None:

@@ -1,8 +1,8 @@
 """A separate OS process that writes to a store, for the concurrency tests (run as a script).
 
     python _worker.py increment URL NAMESPACE SESSION WORKER N READY_FILE GO_FILE
-        N read-modify-commit loops, retrying on ConcurrentUpdateError; each commit writes message
-        WORKER * 1000 + i. Prints "done RETRIES".
+        N read-modify-commit loops, retrying on ConcurrentUpdateError; each commit appends one record with
+        digest "wWORKER-i" at the next index. Prints "done RETRIES".
     python _worker.py hammer URL NAMESPACE SESSION MAX_SNAPSHOTS
         (MAX_SNAPSHOTS 0: keep every turn.)
         Commits forever as fast as it can (until killed); prints "turn K" after each commit.
@@ -38,11 +38,12 @@ def increment(url: str, ns: str, sid: str, worker: int, n: int, ready: str, go: 
     for i in range(n):
         while True:
             data = store.load(sid, namespace=ns)
+            index = data.record.count
             try:
                 store.commit(
                     sid, namespace=ns, expected_version=data.info.version, state=state_for(data.turn + 1),
-                    written=[WrittenMessage(worker * 1000 + i, "user", f"w{worker}-{i}", 1)],
-                    window=[WindowMessage(worker * 1000 + i, "user", f"from {worker}", 1)],
+                    written=[WrittenMessage(index, "user", f"w{worker}-{i}", 1)],
+                    window=[WindowMessage(index, "user", f"from {worker}", 1)],
                 )
                 break
             except ConcurrentUpdateError:

@@ -47,11 +47,13 @@ async def acreate(store, ns: str, sid: str = "s1", **kw):
 
 
 async def acommit(store, ns: str, sid: str, n: int):
-    info = await store.get(sid, namespace=ns)
+    data = await store.load(sid, namespace=ns)
+    info, count = data.info, data.record.count
     for _ in range(n):
         k = info.turn + 1
         info = await store.commit(sid, namespace=ns, expected_version=info.version, state=[blob(seed=k)],
-                                  written=written(k - 1), window=window(k - 1))
+                                  written=written(count), window=window(k - 1))
+        count += 1
     return info
 
 
@@ -78,7 +80,8 @@ async def test_core_contract(astore, url, ns):
     assert (await astore.get("s1", namespace=ns)).version == 2
 
     await acommit(astore, ns, "s1", 3)
-    assert [w.index for w in (await astore.load("s1", namespace=ns, turn=2)).written] == [0, 1]
+    assert [w.index for w in (await astore.load("s1", namespace=ns, turn=2, full_record=True)).written] == [0, 1]
+    assert (await astore.load("s1", namespace=ns, turn=2)).record.count == 2
     assert [t.turn for t in await astore.list_turns("s1", namespace=ns)] == [0, 1, 2, 3, 4]
     assert (await astore.rollback("s1", namespace=ns, turn=2)).turn == 2
 
@@ -89,7 +92,7 @@ async def test_core_contract(astore, url, ns):
     assert [i.session_id for i in await astore.list_sessions(namespace=ns)] == ["f", "s1"]
 
     assert (await astore.reset("s1", namespace=ns)).turn == 0
-    assert (await astore.load("s1", namespace=ns)).written == []
+    assert (await astore.load("s1", namespace=ns, full_record=True)).written == []
 
     probe = SQLSessionStore(url)  # direct SQL through a sync engine of its own
     pk = session_pk(probe.engine, ns, "f")
@@ -108,6 +111,8 @@ async def test_sync_and_async_stores_share_data(astore, url, ns):
     await acommit(astore, ns, "s1", 2)
     with SQLSessionStore(url) as sync_store:
         assert sync_store.load("s1", namespace=ns) == await astore.load("s1", namespace=ns)
+        assert sync_store.load("s1", namespace=ns, full_record=True) == await astore.load(
+            "s1", namespace=ns, full_record=True)
 
 
 @pytest.mark.asyncio
@@ -115,7 +120,8 @@ async def test_gather_many_sessions(astore, ns):
     n_sessions, turns = 16, 3
     await asyncio.gather(*(acreate(astore, ns, f"s{i}") for i in range(n_sessions)))
     await asyncio.gather(*(acommit(astore, ns, f"s{i}", turns) for i in range(n_sessions)))
-    loaded = await asyncio.gather(*(astore.load(f"s{i}", namespace=ns) for i in range(n_sessions)))
+    loaded = await asyncio.gather(*(astore.load(f"s{i}", namespace=ns, full_record=True)
+                                    for i in range(n_sessions)))
     for data in loaded:
         assert (data.turn, data.info.version) == (turns, turns + 1)
         assert [w.index for w in data.written] == list(range(turns))
@@ -132,14 +138,15 @@ async def test_gather_on_one_session_loses_no_update(astore, ns):
                 data = await astore.load("s1", namespace=ns)
                 try:
                     await astore.commit("s1", namespace=ns, expected_version=data.info.version, state=[],
-                                        written=written(worker * 100 + i), window=[])
+                                        written=written(data.record.count, tag=f"w{worker}-{i}-"), window=[])
                     break
                 except ConcurrentUpdateError:
                     await asyncio.sleep(0)
 
     await asyncio.gather(*(bump(w) for w in range(5)))
-    data = await astore.load("s1", namespace=ns)
+    data = await astore.load("s1", namespace=ns, full_record=True)
     assert len(data.written) == 20 and data.info.version == 21
+    assert len({w.digest for w in data.written}) == 20  # every worker's every write, none overwritten
 
 
 @pytest.mark.asyncio

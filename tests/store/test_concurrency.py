@@ -42,9 +42,10 @@ def test_two_processes_lose_no_update(store, url, ns, tmp_path):
         assert p.returncode == 0, err
         assert out.startswith("done")
 
-    data = store.load("s1", namespace=ns)
-    expected = sorted(w * 1000 + i for w in (1, 2) for i in range(n))
-    assert sorted(m.index for m in data.written) == expected  # every commit of both processes is there
+    data = store.load("s1", namespace=ns, full_record=True)
+    expected = sorted(f"w{w}-{i}" for w in (1, 2) for i in range(n))
+    assert sorted(m.digest for m in data.written) == expected  # every commit of both processes is there
+    assert [m.index for m in data.written] == list(range(2 * n))
     assert data.info.version == 2 * n + 1 and data.turn == 2 * n  # one version per commit, none lost
     assert data.state[0].data[:8] == (2 * n).to_bytes(8, "little")  # the state of the last turn
     assert [t.turn for t in store.list_turns("s1", namespace=ns)] == list(range(2 * n + 1))
@@ -66,7 +67,8 @@ def test_threads_lose_no_update(store, ns):
                 try:
                     store.commit("s1", namespace=ns, expected_version=data.info.version,
                                  state=state_for(data.turn + 1),
-                                 written=[WrittenMessage(worker * 1000 + i, "user", "d", 1)], window=[])
+                                 written=[WrittenMessage(data.record.count, "user", f"w{worker}-{i}", 1)],
+                                 window=[])
                     break
                 except ConcurrentUpdateError:
                     pass
@@ -76,8 +78,8 @@ def test_threads_lose_no_update(store, ns):
         t.start()
     for t in threads:
         t.join(timeout=60)
-    data = store.load("s1", namespace=ns)
-    assert len({m.index for m in data.written}) == n * workers
+    data = store.load("s1", namespace=ns, full_record=True)
+    assert len({m.digest for m in data.written}) == n * workers
     assert data.info.version == n * workers + 1
 
 
@@ -107,7 +109,7 @@ def test_sigkill_mid_write_leaves_a_consistent_session(store, url, ns, max_snaps
         if max_snapshots:
             assert len(turns) <= max_snapshots
         for t in turns:  # every kept turn is whole: state, snapshot, records and window all agree
-            snap = fresh.load("s1", namespace=ns, turn=t.turn)
+            snap = fresh.load("s1", namespace=ns, turn=t.turn, full_record=True)
             assert [b.data[:8] for b in snap.state] == [t.turn.to_bytes(8, "little")] * (2 if t.turn else 0)
             assert [m.index for m in snap.written] == list(range(t.turn))
             assert len(snap.window) == (1 if t.turn else 0)

@@ -140,10 +140,109 @@ def test_upgrade_accepts_an_engine(tmp_path):
     from deltamem_agents.store.connect import make_engine
 
     engine = make_engine(str(tmp_path / "e.db"))
-    assert upgrade(engine) == ["0001_initial"]
+    assert upgrade(engine) == [m.name for m in migrations()]
     assert current_version(engine) == latest_version()
     engine.dispose()
 
 
 def test_pg_url_forms_are_normalised():
     assert make_url(str(normalize_url("postgresql://u@h/db"))).drivername == "postgresql+psycopg"
+
+
+# ---------------------------------------------------------------------------------------------- schema 1 → 2
+def _schema1_database(url: str, monkeypatch) -> None:
+    """A database at schema 1, as deltamem before the digests left it."""
+    from deltamem_agents.store import migrate
+
+    shipped = migrations()
+    monkeypatch.setattr(migrate, "migrations", lambda: shipped[:1])
+    assert upgrade(url) == ["0001_initial"]
+    monkeypatch.undo()
+
+
+def _write_schema1_session(engine, ns: str, sid: str, turns: list[dict], metadata: dict) -> None:
+    """Rows exactly as the schema-1 store wrote them (no digest columns exist yet)."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert
+
+    from deltamem_agents.store import sha256_hex
+    from deltamem_agents.store.ops import SESSIONS, SNAPSHOTS, TENSORS, WINDOW, WRITTEN
+
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        pk = conn.execute(insert(SESSIONS).values(
+            session_id=sid, namespace=ns, model_fingerprint="m", adapter_fingerprint="a", version=len(turns) + 1,
+            turn=len(turns), created_at=now, updated_at=now, metadata=metadata)).inserted_primary_key[0]
+        count = 0
+        for k, turn in enumerate([{"state": [], "written": [], "window": []}, *turns]):
+            count += len(turn["written"])
+            conn.execute(insert(SNAPSHOTS).values(
+                session_pk=pk, turn=k, created_at=now, written_count=count, tensor_count=len(turn["state"]),
+                state_bytes=sum(len(b.data) for b in turn["state"]), window_count=len(turn["window"])))
+            for i, b in enumerate(turn["state"]):
+                conn.execute(insert(TENSORS).values(
+                    session_pk=pk, turn=k, position=i, name=b.name, dtype=b.dtype, shape=list(b.shape),
+                    data=b.data if not turn.get("damaged") else bytes(len(b.data)), checksum=sha256_hex(b.data)))
+            for w in turn["written"]:
+                conn.execute(insert(WRITTEN).values(session_pk=pk, turn=k, message_index=w.index, role=w.role,
+                                                    digest=w.digest, tokens=w.tokens))
+            for i, w in enumerate(turn["window"]):
+                conn.execute(insert(WINDOW).values(session_pk=pk, turn=k, position=i, message_index=w.index,
+                                                   role=w.role, content=w.content, tokens=w.tokens))
+
+
+@pytest.mark.parametrize("via", ["upgrade", "async-store"])
+def test_upgrade_to_digests_seals_what_verifies_and_reports_the_rest(fresh_url, monkeypatch, via):
+    """Existing rows are backfilled at upgrade: a turn that passes schema 1's checks is sealed (and the record
+    summary a turn needs is filled in); one that fails stays unsealed and raises CorruptSessionError on load.
+    The same step runs when an async store (aiosqlite / asyncpg) opens the database."""
+    from deltamem_agents.store import CorruptSessionError, RecordSummary
+    from deltamem_agents.store.connect import make_engine
+
+    from ._helpers import blob, window, written
+
+    _schema1_database(fresh_url, monkeypatch)
+    engine = make_engine(fresh_url)
+    turn = lambda k, idx, **kw: {"state": [blob(seed=k), blob("layer1", seed=-k)], "written": written(idx),  # noqa: E731
+                                 "window": window(idx), **kw}
+    _write_schema1_session(engine, "old", "good", [turn(1, 0), turn(2, 1)], {"owner": "ada", "n": 10**20})
+    _write_schema1_session(engine, "old", "damaged", [turn(1, 0), turn(2, 1, damaged=True)], {})
+    _write_schema1_session(engine, "old", "gapped", [turn(1, 0), turn(2, 2)], {})  # an import of a gapped file
+    engine.dispose()
+
+    if via == "upgrade":
+        assert upgrade(fresh_url) == ["0002_digests"]
+    else:
+        import asyncio
+
+        from deltamem_agents.store import open_async_store
+
+        async def open_and_close():
+            store = await open_async_store(fresh_url)
+            await store.close()
+
+        asyncio.run(open_and_close())
+    assert current_version(fresh_url) == 2
+    with SQLSessionStore(fresh_url) as store:
+        for k in (0, 1, 2):
+            data = store.load("good", namespace="old", turn=k, full_record=True)
+            assert data.written == written(*range(k)) and data.record == RecordSummary.of(data.written)
+        info = store.get("good", namespace="old")
+        store.commit("good", namespace="old", expected_version=info.version, state=[], written=written(2),
+                     window=[])
+        assert store.load("good", namespace="old").record.count == 3
+
+        for sid in ("damaged", "gapped"):
+            with pytest.raises(CorruptSessionError, match="not sealed") as caught:
+                store.load(sid, namespace="old")
+            assert (caught.value.session_id, caught.value.turn) == (sid, 2)
+            info = store.get(sid, namespace="old")
+            with pytest.raises(CorruptSessionError):  # nothing on top of the damaged turn
+                store.commit(sid, namespace="old", expected_version=info.version, state=[], written=written(1),
+                             window=[])
+            assert store.load(sid, namespace="old", turn=1, full_record=True).record.count == 1
+            store.rollback(sid, namespace="old", turn=1)  # the way on: back to the last sound turn
+            store.commit(sid, namespace="old", expected_version=info.version + 1, state=[], written=written(1),
+                         window=[])
+            assert store.load(sid, namespace="old", full_record=True).written == written(0, 1)

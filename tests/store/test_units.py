@@ -100,3 +100,39 @@ def test_store_never_imports_torch():
                 root = name.lstrip(".").split(".")[0]
                 assert root not in forbidden and name not in forbidden, f"{path.name} imports {name}"
                 assert not name.startswith(("..adapter", "..models")), f"{path.name} imports {name}"
+
+
+def test_chains_extend_in_any_split():
+    """A commit extends the previous turn's chain; any split of the same records gives the same chain, and any
+    change of one record (or of the order) another."""
+    from deltamem_agents.store import WrittenMessage
+    from deltamem_agents.store.digests import EMPTY_CHAIN, extend_history, extend_records
+
+    records = [WrittenMessage(i, "user" if i % 2 else "assistant", f"{i:064x}", i + 1) for i in range(7)]
+    whole = extend_records(EMPTY_CHAIN, records)
+    for cut in range(8):
+        assert extend_records(extend_records(EMPTY_CHAIN, records[:cut]), records[cut:]) == whole
+    digests = [r.digest for r in records]
+    assert extend_history(extend_history(EMPTY_CHAIN, digests[:3]), digests[3:]) == extend_history(EMPTY_CHAIN, digests)
+    changed = {whole}
+    for i in range(7):
+        for field, value in (("role", "system"), ("digest", "f" * 64), ("tokens", 99), ("index", 50)):
+            edited = list(records)
+            edited[i] = WrittenMessage(**{**records[i].__dict__, field: value})
+            changed.add(extend_records(EMPTY_CHAIN, edited))
+    assert len(changed) == 1 + 7 * 4
+    assert extend_records(EMPTY_CHAIN, records[::-1]) != whole
+    # length prefixes keep the encoding unambiguous: moving characters between fields changes the chain
+    a = extend_history(EMPTY_CHAIN, ["ab", "c"])
+    assert a != extend_history(EMPTY_CHAIN, ["a", "bc"]) and a != extend_history(EMPTY_CHAIN, ["abc"])
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [("fine ü 🎉", None), ("a\x00b", "NUL"), ("\ud800", "surrogate"), ("x\udfffy", "surrogate"), ("", None)],
+)
+def test_text_problem(text, problem):
+    from deltamem_agents.store.codec import text_problem
+
+    found = text_problem(text)
+    assert (found is None) if problem is None else (problem in found)
