@@ -8,23 +8,27 @@ import time
 
 import torch
 
-#: Batched rows equal running alone within this (fp32 logits; measured: ≤ 3e-6 on the tiny models). The sum
-#: order of padded attention and of batched matmuls differs from one row alone, so equality is not bitwise.
-ATOL = 1e-4
-RTOL = 1e-4
+#: Batched rows equal running alone within this (fp32 on CPU; measured: ≤ 4e-7 on logits of magnitude ~0.7 for
+#: the engine's tiny models, ≤ 3e-6 for the vocab-96 ones). Padded attention and batched matmuls sum in another
+#: order than one row alone, so equality is not bitwise.
+ATOL = 1e-5
+RTOL = 1e-5
+#: The generated tokens' KV inside the model (deeper layers, larger activations: measured ≤ 2.3e-5 on the 7-layer
+#: Gemma3) — only the logits decide tokens.
+KV_ATOL = 1e-4
 
 
-def assert_close(actual, expected, msg: str = "") -> None:
-    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=RTOL, msg=lambda m: f"{msg}: {m}")
+def assert_close(actual, expected, msg: str = "", atol: float = ATOL) -> None:
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=RTOL, msg=lambda m: f"{msg}: {m}")
 
 
 def assert_no_near_ties(logits_seq, msg: str = "") -> None:
-    """Greedy tokens can only be compared when no step's top-2 logits are closer than the tolerance (else a
-    legitimate rounding difference may pick the other one): check that premise instead of assuming it."""
+    """Greedy tokens can only be compared when no step's top-2 logits are closer than twice the tolerance (else
+    a legitimate rounding difference may pick the other one): check that premise instead of assuming it."""
     for i, logits in enumerate(logits_seq):
         top = torch.topk(logits.float(), 2).values
-        gap = float(top[0] - top[1])
-        assert gap > 4 * ATOL, f"{msg}: step {i} has a near tie (top-2 gap {gap:.2e}); pick another seed"
+        gap, bound = float(top[0] - top[1]), 2 * (ATOL + RTOL * float(top[0].abs()))
+        assert gap > bound, f"{msg}: step {i} has a near tie (top-2 gap {gap:.2e} <= {bound:.2e}); pick another seed"
 
 
 def alone(runner, state, prompt: list[int], steps: int):
@@ -67,5 +71,23 @@ class StepGate:
         runner.forward_rows = gated
 
 
-def cache_tensors(cache):
-    return [(layer.keys, layer.values) for layer in cache.layers]
+class LogitRecorder:
+    """Records the logits of every generation step the runner computes (prefills and decode steps, alone or
+    batched: every row), to check the no-near-tie premise of comparing greedy texts."""
+
+    def __init__(self, runner):
+        self.logits = []
+        forward, forward_rows = runner.forward, runner.forward_rows
+
+        def recorded(state, ids, **kw):
+            logits, new_state = forward(state, ids, **kw)
+            if logits is not None and not kw.get("writes", True):
+                self.logits.append(logits)
+            return logits, new_state
+
+        def recorded_rows(*args, **kw):
+            logits = forward_rows(*args, **kw)
+            self.logits.extend(logits)
+            return logits
+
+        runner.forward, runner.forward_rows = recorded, recorded_rows
