@@ -13,6 +13,8 @@ was written, :mod:`.turns` runs the call in its mode, :mod:`.generation` decodes
    session's hot KV cache and writes each new message as it passes; ``windowed``/``state-only`` prompt with
    text and write each message on its own after generation.
 4. Generate (every generated token reads the state, nothing is written), then write the reply as a message.
+   Decode steps are the session's own forward calls, or (``batch_decode=True``) batched with the steps of other
+   sessions generating at the same time (:mod:`.decode_batcher`).
 5. Commit state, new records and window with the version read in 2 — a turn is two store transactions, load
    and commit. On a concurrent update, reload and write again (the reply is kept, not regenerated), a bounded
    number of times. Only after the commit does the mode keep its KV cache for the next turn.
