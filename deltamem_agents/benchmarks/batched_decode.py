@@ -7,9 +7,10 @@ Two measures, each with both arms in the same process on the same δ-mem model, 
   ``max_new_tokens`` each); one engine with ``batch_decode=False`` (every forward call one session's, the
   default), one with ``batch_decode=True``. Tokens/s = generated tokens of all sessions ÷ wall time from the
   start of the threads to the last commit: prefills, writes and commits included, as a server sees it.
-* ``decode``: the decode steps alone, no threads: ``N`` prefilled sessions run ``steps`` tokens each, either as
-  ``N`` one-row forward calls per step or as one :class:`~deltamem_agents.engine.decode_group.DecodeGroup` step
-  (prompts of different lengths, so rows are padded). The upper bound of what batching can give.
+* ``decode``: the decode steps alone, no threads: ``N`` prefilled sessions run ``new_tokens`` steps each, either
+  as ``N`` one-row forward calls per step or as one :class:`~deltamem_agents.engine.decode_group.DecodeGroup`
+  step (prompts of different lengths, so rows are padded); the two arms alternate step by step. The upper bound
+  of what batching can give.
 """
 
 from __future__ import annotations
@@ -108,28 +109,29 @@ def _prefilled(runner: Any, engine: Any, n: int) -> list[tuple[Any, Any, int]]:
 
 
 @torch.inference_mode()
-def _decode_round(engine: Any, n: int, steps: int, batched: bool) -> tuple[int, float]:
+def _decode_round(engine: Any, n: int, steps: int) -> tuple[int, float, float]:
+    """Both arms step by step, interleaved (a step of the ``n`` sessions alone, then the same step batched), so
+    that load changes on a shared machine hit both alike. Returns ``(tokens, alone_s, batched_s)``."""
     from ..engine.decode_group import DecodeGroup, GroupRow
 
     runner = engine.runner
-    rows = _prefilled(runner, engine, n)  # untimed
+    rows = _prefilled(runner, engine, n)  # untimed; each arm gets its own copy of the caches
+    group = DecodeGroup(runner)
+    group.add([GroupRow(cache, state) for cache, state, _ in _prefilled(runner, engine, n)])
     tokens = [t for _, _, t in rows]
-    if batched:
-        group = DecodeGroup(runner)
-        group.add([GroupRow(cache, state) for cache, state, _ in rows])
+    batched_tokens = list(tokens)
+    alone_s = batched_s = 0.0
+    for _ in range(steps):
         t0 = time.perf_counter()
-        for _ in range(steps):
-            tokens = group.step(tokens).argmax(-1).tolist()
-        seconds = time.perf_counter() - t0
-        group.clear()
-    else:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            for i, (cache, state, _) in enumerate(rows):
-                logits, _ = runner.forward(state, [tokens[i]], cache=cache, writes=False)
-                tokens[i] = int(logits.argmax())
-        seconds = time.perf_counter() - t0
-    return n * steps, seconds
+        for i, (cache, state, _) in enumerate(rows):
+            logits, _ = runner.forward(state, [tokens[i]], cache=cache, writes=False)
+            tokens[i] = int(logits.argmax())
+        t1 = time.perf_counter()
+        batched_tokens = group.step(batched_tokens).argmax(-1).tolist()
+        t2 = time.perf_counter()
+        alone_s, batched_s = alone_s + (t1 - t0), batched_s + (t2 - t1)
+    group.clear()
+    return n * steps, alone_s, batched_s
 
 
 def run_batched_benchmark(
@@ -166,14 +168,15 @@ def run_batched_benchmark(
                 assert stats is not None
                 steps0, rows0 = stats.steps, stats.row_steps
                 for r in range(warmup + rounds):
-                    order = ("alone", "batched") if r % 2 == 0 else ("batched", "alone")
-                    for arm in order:
-                        if measure == "engine":
-                            eng = alone if arm == "alone" else batched
-                            tokens, seconds = _engine_round(eng, n, new_tokens, f"{arm}-{n}-{r}")
-                        else:
-                            tokens, seconds = _decode_round(alone, n, new_tokens, arm == "batched")
-                        if r >= warmup:
+                    if measure == "decode":
+                        tokens, alone_s, batched_s = _decode_round(alone, n, new_tokens)
+                        times = {"alone": (tokens, alone_s), "batched": (tokens, batched_s)}
+                    else:
+                        order = ("alone", "batched") if r % 2 == 0 else ("batched", "alone")
+                        times = {arm: _engine_round(alone if arm == "alone" else batched, n, new_tokens,
+                                                    f"{arm}-{n}-{r}") for arm in order}
+                    if r >= warmup:
+                        for arm, (tokens, seconds) in times.items():
                             arms[arm].append(tokens / seconds)
                             counted[arm] = tokens
                 rows = ((stats.row_steps - rows0) / (stats.steps - steps0) if stats.steps > steps0

@@ -83,7 +83,7 @@ class DecodeBatcher:
         self.runner = runner
         self.max_rows = max_rows
         self.stats = BatchStats()
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()  # arrivals, the session count, the thread handle
         self._arriving: list[_Member] = []
         self._sessions = 0
         self._thread: threading.Thread | None = None
@@ -91,7 +91,7 @@ class DecodeBatcher:
     @property
     def sessions(self) -> int:
         """Sessions in the batcher now: in the group, or arrived and waiting for a row."""
-        with self._cond:
+        with self._lock:
             return self._sessions
 
     @staticmethod
@@ -109,7 +109,7 @@ class DecodeBatcher:
         """
         member = _Member(decoder, GroupRow(cache, state), token)
         member.row.owner = member
-        with self._cond:
+        with self._lock:
             self._arriving.append(member)
             self._sessions += 1
             if self._thread is None:
@@ -133,7 +133,7 @@ class DecodeBatcher:
         group = DecodeGroup(self.runner)
         try:
             while True:
-                with self._cond:
+                with self._lock:
                     for member in [m for m in self._arriving if m.abandoned.is_set()]:
                         self._arriving.remove(member)  # stopped listening while it waited for a row
                         self._out(member)
@@ -152,7 +152,7 @@ class DecodeBatcher:
                     self._step(group)
         except BaseException as exc:  # a bug here must not leave sessions waiting forever
             logger.exception("decode thread failed")
-            with self._cond:
+            with self._lock:
                 orphans, self._arriving, self._thread = self._arriving, [], None
             for member in [r.owner for r in group.rows] + orphans:
                 if not member.left.is_set():
@@ -161,7 +161,7 @@ class DecodeBatcher:
 
     def _out(self, member: _Member, item: Any = None) -> None:
         """The member is out of the batcher; ``item``: its last event, or the exception it fails with."""
-        with self._cond:
+        with self._lock:
             self._sessions -= 1
             self.stats.left += 1
         member.left.set()
