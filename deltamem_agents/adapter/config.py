@@ -15,6 +15,16 @@ INITS = ("zero", "base_slice", "ov_svd")
 #: ``coupled``: λ = 1 − β (the paper). Extensions beyond the paper: ``decoupled`` (λ from its own projection,
 #: bias ``lambda_bias_init``) and ``delta`` (λ = 1: nothing decays, only the delta rule's erase overwrites).
 UPDATE_RULES = ("coupled", "decoupled", "delta")
+#: The authors' ``state_update_mode`` (declare-lab/delta-Mem): ``standard`` (the paper: the erase term has the write
+#: gate β) or ``lambda_outside`` (the erase term is scaled by the retention too: ``S ← Diag(λ)(S − Diag(β) S k kᵀ) +
+#: Diag(β) v kᵀ``). Their third mode, ``no_lambda`` (λ = 1), is ``update_rule="delta"``.
+STATE_UPDATE_MODES = ("standard", "lambda_outside")
+#: Sequence-state write semantics: ``ours`` (one write per message, whenever the message closes, across calls; the
+#: tokens of a message read the state from before its write) or ``official`` (the authors' code: every token of a
+#: forward call reads the state from the start of the call; each message id ≥ 0 present in the call is written
+#: once, as the mean of its tokens in that call, at the end of the call, in ascending id order; id −1 is never
+#: written; a call with no writable token — no ids given, or only −1 — writes every token as TSW does).
+SSW_SEMANTICS = ("ours", "official")
 #: Initialisation of the memory read projection W_q^m: ``random`` (the paper) or ``key`` (a copy of W_k^m, so a
 #: read with the hidden state that was written finds it at once; beyond the paper).
 QUERY_INITS = ("random", "key")
@@ -62,6 +72,12 @@ class DeltaMemConfig:
             model whatever the gain.
         wide_gain_init: initial gain of the wide read (0: the untrained adapter is the base model even with a
             written state; the gain learns first, then keys and queries).
+        state_update_mode: the authors' option (``STATE_UPDATE_MODES``): ``"standard"`` (the paper) or
+            ``"lambda_outside"`` (the erase term is scaled by the retention λ too).
+        normalize_qk: the authors' option: ``True`` (the paper) reads and writes with ``l2norm(tanh(·))`` of the
+            query and key projections; ``False`` uses the raw projections.
+        ssw_semantics: ``"ours"`` (default) or ``"official"`` (the authors' per-call semantics, see
+            ``SSW_SEMANTICS``); only with ``write_mode="ssw"``.
     """
 
     rank: int = 8
@@ -80,6 +96,9 @@ class DeltaMemConfig:
     steer_writes: bool = True
     wide_value: bool = False
     wide_gain_init: float = 0.0
+    state_update_mode: str = "standard"
+    normalize_qk: bool = True
+    ssw_semantics: str = "ours"
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -121,9 +140,19 @@ class DeltaMemConfig:
             raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
         if self.update_rule not in UPDATE_RULES:
             raise ValueError(f"update_rule must be one of {UPDATE_RULES}, got {self.update_rule!r}")
-        if self.update_rule == "decoupled" and self.write_mode == "ssw":
-            # SSW keeps the open message's projection sums in the state; a λ projection would need its own
-            raise ValueError("update_rule 'decoupled' is not supported with write_mode 'ssw'; use 'delta' or 'coupled'")
+        if self.state_update_mode not in STATE_UPDATE_MODES:
+            hint = " (the authors' 'no_lambda' is update_rule='delta')" if self.state_update_mode == "no_lambda" else ""
+            raise ValueError(f"state_update_mode must be one of {STATE_UPDATE_MODES}, got {self.state_update_mode!r}{hint}")
+        if not isinstance(self.normalize_qk, bool):
+            raise ValueError(f"normalize_qk must be a bool, got {self.normalize_qk!r}")
+        if self.ssw_semantics not in SSW_SEMANTICS:
+            raise ValueError(f"ssw_semantics must be one of {SSW_SEMANTICS}, got {self.ssw_semantics!r}")
+        if self.ssw_semantics != "ours" and self.write_mode != "ssw":
+            raise ValueError(f"ssw_semantics applies to write_mode 'ssw' only (write_mode is {self.write_mode!r})")
+        if self.update_rule == "decoupled" and self.keeps_open_message:
+            # our SSW keeps the open message's projection sums in the state; a λ projection would need its own
+            raise ValueError("update_rule 'decoupled' is not supported with write_mode 'ssw' and ssw_semantics "
+                             "'ours'; use 'delta' or 'coupled' (or ssw_semantics='official')")
         if isinstance(self.lambda_bias_init, bool) or not isinstance(self.lambda_bias_init, int | float):
             raise ValueError(f"lambda_bias_init must be a number, got {self.lambda_bias_init!r}")
         if not isinstance(self.wide_value, bool):
@@ -133,6 +162,8 @@ class DeltaMemConfig:
                 raise ValueError("wide_value supports write_mode 'tsw' and 'msw', not 'ssw'")
             if self.branches != ("o",):
                 raise ValueError("wide_value reads into the attention output only: set branches=('o',)")
+            if self.state_update_mode != "standard":
+                raise ValueError("wide_value supports state_update_mode 'standard' only")
         if isinstance(self.wide_gain_init, bool) or not isinstance(self.wide_gain_init, int | float):
             raise ValueError(f"wide_gain_init must be a number, got {self.wide_gain_init!r}")
         if not isinstance(self.steer_writes, bool):
@@ -153,6 +184,11 @@ class DeltaMemConfig:
         if max(t) >= num_layers:
             raise ValueError(f"target_layers {t} out of range: the model has {num_layers} layers")
         return tuple(t)
+
+    @property
+    def keeps_open_message(self) -> bool:
+        """Whether the state carries the open message's running sums (our SSW semantics)."""
+        return self.write_mode == "ssw" and self.ssw_semantics == "ours"
 
     @property
     def state_width(self) -> int:

@@ -3,19 +3,13 @@
 Our format (PEFT-like): a directory with ``adapter_config.json`` (the :class:`DeltaMemConfig`, the base model's
 identity and fingerprint, the adapter's own fingerprint) and ``adapter_model.safetensors`` (adapter tensors only).
 
-The authors' release format (declare-lab/delta-Mem): ``delta_mem_config.json`` plus ``delta_mem_adapter.pt``, a
-torch state dict with ``model.layers.{i}.self_attn.{memory_q_proj, memory_k_proj, memory_v_proj, delta_q_proj,
-delta_o_proj, beta_proj, beta_bias}``. It is read with ``torch.load(weights_only=True)``, which refuses
-arbitrary pickled objects.
+The authors' release format is read by :mod:`.official`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +17,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..files import atomic_write
 from .config import DeltaMemConfig
 from .model import DeltaMemModel, attach
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
-OFFICIAL_CONFIG_NAME = "delta_mem_config.json"
-OFFICIAL_WEIGHTS_NAME = "delta_mem_adapter.pt"
+#: Config options added after adapters were first saved, with their defaults: left out of the adapter fingerprint
+#: while at the default, so adapters saved before they existed (and the sessions that recorded their
+#: fingerprint) keep the fingerprint they had.
+_LATER_OPTIONS = {"state_update_mode": "standard", "normalize_qk": True, "ssw_semantics": "ours"}
 
 
 class AdapterMismatchError(ValueError):
@@ -74,7 +71,8 @@ def base_model_fingerprint(model: nn.Module) -> str:
 
 def tensors_fingerprint(tensors: dict[str, Tensor], config: DeltaMemConfig) -> str:
     """SHA-256 of the adapter config and every adapter tensor's bytes (adapters are small)."""
-    h = hashlib.sha256(config.to_json().encode())
+    fields = {k: v for k, v in config.to_dict().items() if k not in _LATER_OPTIONS or v != _LATER_OPTIONS[k]}
+    h = hashlib.sha256(json.dumps(fields, indent=2, sort_keys=True).encode())
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
@@ -102,8 +100,10 @@ def save_adapter(model: DeltaMemModel, directory: str | Path, **extra_metadata: 
         "adapter_fingerprint": tensors_fingerprint(tensors, model.config),
         **extra_metadata,
     }
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    # Each file is replaced atomically; the config (written last) names the weights' fingerprint, so a crash
+    # between the two leaves a pair that load_adapter refuses rather than a silently mixed adapter.
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True)))
     return directory
 
 
@@ -139,10 +139,10 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: str = "
             "adapter was trained for another architecture: "
             + ", ".join(f"{k}={saved_ident[k]!r} (model has {ident.get(k)!r})" for k in diffs)
         )
-    dm = attach(model, config)
     tensors = load_file(str(directory / WEIGHTS_NAME))
-    if tensors_fingerprint(tensors, config) != meta.get("adapter_fingerprint"):
+    if tensors_fingerprint(tensors, config) != meta.get("adapter_fingerprint"):  # checked before the model changes
         raise AdapterMismatchError(f"{directory / WEIGHTS_NAME} does not match the fingerprint in its config (corrupt or edited)")
+    dm = attach(model, config)
     dm.load_adapter_state_dict(tensors)
     if check_base != "ignore" and meta.get("base_model_fingerprint") != base_model_fingerprint(model):
         msg = (
@@ -156,88 +156,3 @@ def load_adapter(model: nn.Module, directory: str | Path, *, check_base: str = "
 
         logging.getLogger(__name__).warning(msg)
     return dm
-
-
-# -- the authors' format -----------------------------------------------------------------------------------------
-_OFFICIAL_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.(\w+?)(?:\.weight)?$")
-_OFFICIAL_PARTS = ("memory_q_proj", "memory_k_proj", "memory_v_proj", "beta_proj", "beta_bias", "delta_q_proj", "delta_o_proj")
-
-
-def config_from_official(data: dict[str, Any]) -> DeltaMemConfig:
-    """Map a ``delta_mem_config.json`` to a :class:`DeltaMemConfig`."""
-    granularity = data.get("memory_write_granularity", "token")
-    heads = int(data.get("num_state_heads", 1))
-    if granularity == "message_mean":
-        mode = "ssw"
-    elif granularity == "token":
-        mode = "msw" if heads > 1 else "tsw"
-    else:
-        raise AdapterMismatchError(f"unsupported memory_write_granularity {granularity!r} in the official config")
-    delta_heads = data.get("delta_heads", ("q", "o"))
-    if isinstance(delta_heads, str):
-        delta_heads = [h.strip() for h in delta_heads.split(",") if h.strip()]
-    unsupported = sorted(set(delta_heads) - {"q", "o"})
-    if unsupported:
-        raise AdapterMismatchError(f"official adapter corrects branches {unsupported}; only q and o are supported")
-    return DeltaMemConfig(
-        rank=int(data.get("rank", 8)),
-        alpha=float(data.get("alpha", 16.0)),
-        write_mode=mode,
-        num_states=heads if mode == "msw" else 1,
-        target_layers=tuple(data["target_layers"]) if data.get("target_layers") else None,
-        branches=tuple(delta_heads),
-        init="zero",
-        beta_bias_init=float(data.get("beta_bias_init", -1.5)),
-    )
-
-
-def import_official_adapter(model: nn.Module, directory: str | Path) -> DeltaMemModel:
-    """Attach an adapter saved by the authors' code (``delta_mem_config.json`` + ``delta_mem_adapter.pt``)."""
-    directory = Path(directory)
-    cfg_path, w_path = directory / OFFICIAL_CONFIG_NAME, directory / OFFICIAL_WEIGHTS_NAME
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"official δ-mem adapter file missing: {p}")
-    config = config_from_official(json.loads(cfg_path.read_text()))
-    raw = torch.load(w_path, map_location="cpu", weights_only=True)
-    if isinstance(raw, dict) and "state_dict" in raw and isinstance(raw["state_dict"], dict):
-        raw = raw["state_dict"]
-    per_layer: dict[int, dict[str, Tensor]] = {}
-    for key, tensor in raw.items():
-        m = _OFFICIAL_KEY.search(key)
-        if m is None or m.group(2) not in _OFFICIAL_PARTS:
-            raise AdapterMismatchError(f"unexpected tensor {key!r} in {w_path}")
-        per_layer.setdefault(int(m.group(1)), {})[m.group(2)] = tensor
-    layers = sorted(per_layer)
-    if config.target_layers is None:
-        config.target_layers = tuple(layers)
-    elif tuple(layers) != tuple(config.target_layers):
-        raise AdapterMismatchError(f"config targets layers {config.target_layers} but the weights cover {layers}")
-    dm = attach(model, config)
-    tensors: dict[str, Tensor] = {}
-    for i in layers:
-        parts = per_layer[i]
-        need = ["memory_q_proj", "memory_k_proj", "memory_v_proj", "beta_proj", "beta_bias"]
-        need += [f"delta_{b}_proj" for b in config.branches]
-        missing = [n for n in need if n not in parts]
-        if missing:
-            raise AdapterMismatchError(f"layer {i} lacks {missing} in {w_path}")
-        tensors[f"layers.{i}.in_proj"] = torch.cat(
-            [parts["memory_q_proj"], parts["memory_k_proj"], parts["memory_v_proj"], parts["beta_proj"]], dim=0
-        )
-        tensors[f"layers.{i}.beta_bias"] = parts["beta_bias"].reshape(-1)
-        for b in config.branches:
-            tensors[f"layers.{i}.delta_{b}"] = parts[f"delta_{b}_proj"]
-    dm.load_adapter_state_dict(tensors)
-    return dm
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

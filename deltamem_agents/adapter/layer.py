@@ -9,8 +9,13 @@ Per position ``t`` with hidden state ``x_t`` (the input of ``q_proj``, i.e. afte
     S_t = Diag(1-β_t) S_{t-1} + Diag(β_t)(v_t - S_{t-1} k_t) k_tᵀ
 
 (the paper's coupled rule; ``update_rule`` ``decoupled`` replaces ``1 − β_t`` by ``λ_t = σ(W_λ x_t + b_λ)`` and
-``delta`` by 1 — extensions beyond the paper), and the attention branches are steered by ``(α/r)·W_q^Δ r_t`` (added to the output of ``q_proj``) and
-``(α/r)·W_o^Δ r_t`` (added to the output of ``o_proj``).
+``delta`` by 1 — extensions beyond the paper; the authors' options ``state_update_mode="lambda_outside"`` scales
+the erase term ``S_{t-1} k_t k_tᵀ`` by ``λ_t`` too, and ``normalize_qk=False`` drops the tanh and L2 norm), and the
+attention branches are steered by ``(α/r)·W_q^Δ r_t`` (added to the output of ``q_proj``) and ``(α/r)·W_o^Δ r_t``
+(added to the output of ``o_proj``).
+
+The memory arithmetic runs in the dtype of the state it is given (float32 by default whatever the model dtype;
+float64 for a float64 model): the methods take the state and cast the projections to its dtype.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import Tensor, nn
 from ..ops import cpu_fused, delta_rule_chunked, delta_rule_step
 from ..ops.shared_gate import delta_rule_chunked_shared_gate
 from .config import DeltaMemConfig
-from .segments import SegmentPlan
+from .segments import MessageWritePlan, SegmentPlan
 
 L2_EPS = 1e-6
 
@@ -63,6 +68,9 @@ class DeltaMemLayer(nn.Module):
         decoupled = config.update_rule == "decoupled"
         self.lambda_proj = nn.Parameter(torch.empty(gates, hidden_size)) if decoupled else None
         self.lambda_bias = nn.Parameter(torch.empty(gates)) if decoupled else None
+        #: the compiled CPU kernel's rule code, or None when it does not cover this layer (decided once: the
+        #: decode hot path reads it per layer and token)
+        self.kernel_rule = None if self.wide else cpu_fused.kernel_rule(config.update_rule, config.state_update_mode)
 
     @torch.no_grad()
     def reset_parameters(self, q_weight: Tensor | None = None, o_weight: Tensor | None = None,
@@ -116,10 +124,17 @@ class DeltaMemLayer(nn.Module):
             self.delta_q.zero_()
 
     # -- projections --------------------------------------------------------------------------------------------
-    def project(self, x: Tensor) -> Tensor:
-        """``(B, T, d) → (B, T, 4·N·r)`` raw memory projections, float32."""
-        p = F.linear(x, self.in_proj)
-        return p if p.dtype == torch.float32 else p.float()
+    def project(self, x: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``(B, T, d) → (B, T, 4·N·r)`` raw memory projections in ``dtype`` (the state's dtype). ``x`` may have
+        another dtype than the weights (the mean hidden states of SSW are in the state's dtype)."""
+        p = F.linear(x, _as(self.in_proj, x))
+        return p if p.dtype == dtype else p.to(dtype)
+
+    def activate_qk(self, qk: Tensor) -> Tensor:
+        """``l2norm(tanh(·))`` over the last dim (the paper), or the raw projections (``normalize_qk=False``)."""
+        if not self.config.normalize_qk:
+            return qk
+        return F.normalize(torch.tanh(qk), dim=-1, eps=L2_EPS)
 
     def split(self, p: Tensor, x: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Raw projections ``(B, T, 4·N·r)`` → ``q, k, v, β`` each ``(B, T, N, r)``.
@@ -131,13 +146,13 @@ class DeltaMemLayer(nn.Module):
             if x is None:
                 raise ValueError("a wide-value layer needs the attention input x to split its projections")
             N, r, d = self.num_states, self.rank, x.shape[-1]
-            qk = F.normalize(torch.tanh(p[..., : 2 * N * r].view(B, T, 2, N, r)), dim=-1, eps=L2_EPS)
-            beta = torch.sigmoid(p[..., 2 * N * r :] + self.beta_bias.float())  # (B, T, N)
-            v = x.float()[:, :, None, :].expand(B, T, N, d)
+            qk = self.activate_qk(p[..., : 2 * N * r].view(B, T, 2, N, r))
+            beta = torch.sigmoid(p[..., 2 * N * r :] + self.beta_bias.to(p.dtype))  # (B, T, N)
+            v = x.to(p.dtype)[:, :, None, :].expand(B, T, N, d)
             return qk[:, :, 0], qk[:, :, 1], v, beta[..., None].expand(B, T, N, d)
         p = p.view(B, T, 4, self.num_states, self.rank)
-        qk = F.normalize(torch.tanh(p[:, :, :2]), dim=-1, eps=L2_EPS)
-        beta = torch.sigmoid(p[:, :, 3] + self.beta_bias.view(self.num_states, self.rank).float())
+        qk = self.activate_qk(p[:, :, :2])
+        beta = torch.sigmoid(p[:, :, 3] + self.beta_bias.view(self.num_states, self.rank).to(p.dtype))
         return qk[:, :, 0], qk[:, :, 1], p[:, :, 2], beta
 
     def retention(self, x: Tensor, beta: Tensor) -> Tensor | None:
@@ -147,21 +162,34 @@ class DeltaMemLayer(nn.Module):
             return None
         if rule == "delta":
             return torch.ones_like(beta)
-        lam = torch.sigmoid(F.linear(x, self.lambda_proj).float() + self.lambda_bias.float())
+        lam = torch.sigmoid(F.linear(x, _as(self.lambda_proj, x)).to(beta.dtype) + self.lambda_bias.to(beta.dtype))
         if self.wide:  # one retention per sub-state, shared by its rows
             return lam[..., None].expand(beta.shape)
         return lam.view(beta.shape)
+
+    def erase_gate(self, beta: Tensor, decay: Tensor | None) -> Tensor | None:
+        """The erase gate ``ε (B, T, N, r)``, or None for ``ε = β`` (the paper). The authors' ``lambda_outside``:
+        ``ε = λ ⊙ β`` with ``λ = decay`` (``1 − β`` when None)."""
+        if self.config.state_update_mode != "lambda_outside":
+            return None
+        return (1 - beta if decay is None else decay) * beta
+
+    def gates(self, x: Tensor, beta: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """``(decay, erase)`` for the ops (None: the paper's ``1 − β`` / ``β``)."""
+        decay = self.retention(x, beta)
+        return decay, self.erase_gate(beta, decay)
 
     def query(self, p: Tensor) -> Tensor:
         """Only the read query ``(B, T, N, r)`` from raw projections (writes off)."""
         B, T, _ = p.shape
         q = p[..., : self.num_states * self.rank].reshape(B, T, self.num_states, self.rank)
-        return F.normalize(torch.tanh(q), dim=-1, eps=L2_EPS)
+        return self.activate_qk(q)
 
     # -- read and write -----------------------------------------------------------------------------------------
     def read_only(self, x: Tensor, memory: Tensor) -> Tensor:
-        """Every token reads the fixed state. ``x (B,T,d)``, ``memory (B,N,r,r)`` → reads ``(B,T,N·r)`` float32."""
-        q = self.query(self.project(x))
+        """Every token reads the fixed state. ``x (B,T,d)``, ``memory (B,N,r,r)`` → reads ``(B,T,N·r)`` in the
+        state's dtype."""
+        q = self.query(self.project(x, memory.dtype))
         out = torch.einsum("bnij,btnj->btni", memory, q)
         if self.wide:  # (B, T, N, d): the sub-states' reads add up in the hidden space
             return out.sum(2)
@@ -173,30 +201,34 @@ class DeltaMemLayer(nn.Module):
         Args:
             x: ``(B, T, d)`` attention input. memory: ``(B, N, r, r)``. mask: ``(B, T)`` bool or None.
         Returns:
-            reads ``(B, T, N·r)`` float32 and the new memory ``(B, N, r, r)``.
+            reads ``(B, T, N·r)`` (the state's dtype) and the new memory ``(B, N, r, r)``.
         """
-        p = self.project(x)
-        if not self.wide and self.config.update_rule == "coupled" and self._use_fused_kernel(p):
-            return cpu_fused.delta_rule_fused_cpu(p, self.beta_bias, memory, mask, self.num_states, self.rank)
+        p = self.project(x, memory.dtype)
+        rule = self.kernel_rule
+        if rule is not None and self._use_fused_kernel(p, memory):
+            return cpu_fused.delta_rule_fused_cpu(p, self.beta_bias, memory, mask, self.num_states, self.rank,
+                                                  rule=rule, normalize_qk=self.config.normalize_qk)
         q, k, v, beta = self.split(p, x)
-        decay = self.retention(x, beta)
+        decay, erase = self.gates(x, beta)
         if self.wide and x.shape[1] > 1:  # one gate per sub-state: the shared-gate chunked form (tested equal)
             out, memory = delta_rule_chunked_shared_gate(
                 q, k, v, beta[..., 0], memory, mask, chunk_size=self.config.chunk_size,
                 decay=None if decay is None else decay[..., 0])
             return out.sum(2), memory
         if x.shape[1] == 1:
-            out, memory = delta_rule_step(q, k, v, beta, memory, mask, decay=decay)
+            out, memory = delta_rule_step(q, k, v, beta, memory, mask, decay=decay, erase=erase)
         else:
             out, memory = delta_rule_chunked(q, k, v, beta, memory, mask, chunk_size=self.config.chunk_size,
-                                             decay=decay)
+                                             decay=decay, erase=erase)
         if self.wide:
             return out.sum(2), memory
         return out.reshape(*out.shape[:2], -1), memory
 
-    def _use_fused_kernel(self, p: Tensor) -> bool:
-        """The compiled CPU kernel has no autograd: use it only when nothing needs a gradient."""
-        if not cpu_fused.AVAILABLE or p.device.type != "cpu":
+    def _use_fused_kernel(self, p: Tensor, memory: Tensor) -> bool:
+        """The compiled CPU kernel has no autograd and runs float32: use it only when nothing needs a gradient."""
+        if not cpu_fused.AVAILABLE or p.device.type != "cpu" or p.dtype != torch.float32:
+            return False
+        if memory.dtype != torch.float32:
             return False
         return not (torch.is_grad_enabled() and (p.requires_grad or self.beta_bias.requires_grad))
 
@@ -210,15 +242,18 @@ class DeltaMemLayer(nn.Module):
         Returns:
             reads ``(B, T, N·r)``, new memory, new pending_sum.
         """
-        p = self.project(x)
+        p = self.project(x, memory.dtype)
         B, T, W = p.shape
         N, r = self.num_states, self.rank
+        pending_sum = pending_sum.to(p.dtype)
         sums = torch.zeros(B, plan.num_slots, W, device=p.device, dtype=p.dtype)
         sums = sums.scatter_add(1, plan.token_slot[..., None].expand(B, T, W), p * plan.mask[..., None])
         sums = torch.cat([sums[:, :1] + pending_sum[:, None], sums[:, 1:]], dim=1)
         means = sums / plan.counts.clamp_min(1.0)[..., None]
         _, k_w, v_w, beta_w = self.split(means)
         beta_w = beta_w * plan.write_valid[..., None, None]
+        decay_w = torch.ones_like(beta_w) if self.config.update_rule == "delta" else None
+        erase_w = self.erase_gate(beta_w, decay_w)
 
         ext = plan.ext_len + 1  # one extra, discarded dump position for slots not written in this call
         q_tok = self.query(p)
@@ -227,16 +262,43 @@ class DeltaMemLayer(nn.Module):
         k_ext = p.new_zeros(B, ext, N, r).scatter(1, wpos, k_w)
         v_ext = p.new_zeros(B, ext, N, r).scatter(1, wpos, v_w)
         b_ext = p.new_zeros(B, ext, N, r).scatter(1, wpos, beta_w)
+        e_ext = None if erase_w is None else p.new_zeros(B, ext, N, r).scatter(1, wpos, erase_w)
         mask_ext = torch.zeros(B, ext, dtype=torch.bool, device=p.device).scatter(1, plan.write_pos, plan.write_valid)
         cut = slice(0, plan.ext_len)
         out, memory = delta_rule_chunked(
             q_ext[:, cut], k_ext[:, cut], v_ext[:, cut], b_ext[:, cut], memory, mask_ext[:, cut],
             chunk_size=self.config.chunk_size,
             decay=torch.ones_like(b_ext[:, cut]) if self.config.update_rule == "delta" else None,
+            erase=None if e_ext is None else e_ext[:, cut],
         )
         reads = out.gather(1, plan.token_pos[..., None, None].expand(B, T, N, r))
         pending = sums.gather(1, plan.last_slot[:, None, None].expand(B, 1, W))[:, 0]
         return reads.reshape(B, T, N * r), memory, pending
+
+    def message_write(self, x: Tensor, memory: Tensor, plan: MessageWritePlan) -> tuple[Tensor, Tensor]:
+        """SSW with the authors' semantics (``ssw_semantics="official"``): every token reads ``memory`` (the state
+        at the start of the call); then each message of the call is written once, in ascending id order, with
+        the memory projections of the mean of its tokens' hidden states.
+
+        Args:
+            x: ``(B, T, d)``. memory: ``(B, N, r, r)``. plan: the call's :class:`MessageWritePlan`.
+        Returns:
+            reads ``(B, T, N·r)`` and the new memory.
+        """
+        p = self.project(x, memory.dtype)
+        B, T, _ = p.shape
+        q = self.query(p)
+        reads = torch.einsum("bnij,btnj->btni", memory, q).reshape(B, T, -1)
+        d = x.shape[-1]
+        sums = torch.zeros(B, plan.num_slots + 1, d, device=x.device, dtype=p.dtype)  # last slot: tokens not written
+        sums = sums.scatter_add(1, plan.token_slot[..., None].expand(B, T, d), x.to(p.dtype))
+        means = sums[:, :-1] / plan.counts.clamp_min(1.0).to(p.dtype)[..., None]
+        p_w = self.project(means, memory.dtype)
+        _, k_w, v_w, beta_w = self.split(p_w)
+        decay_w, erase_w = self.gates(means, beta_w)
+        _, memory = delta_rule_chunked(q.new_zeros(k_w.shape), k_w, v_w, beta_w, memory, plan.write_valid,
+                                       chunk_size=self.config.chunk_size, decay=decay_w, erase=erase_w)
+        return reads, memory
 
     # -- inference fast path (CPU, float32, no autograd) ----------------------------------------------------------
     def _inference_weights(self) -> tuple[Tensor, object, Tensor | None, Tensor | None]:
@@ -278,7 +340,8 @@ class DeltaMemLayer(nn.Module):
         in_t, bias, dq_t, _ = weights
         B, _, d = x.shape
         return cpu_fused.decode_write_steer_(
-            x.view(B, d), in_t, bias, memory, mask, out_q.view(B, -1), dq_t, self.scale, self.num_states, self.rank
+            x.view(B, d), in_t, bias, memory, mask, out_q.view(B, -1), dq_t, self.scale, self.num_states, self.rank,
+            self.kernel_rule, self.config.normalize_qk,
         )
 
     def fast_token_write(
@@ -293,7 +356,8 @@ class DeltaMemLayer(nn.Module):
         in_t, bias, _, _ = weights if weights is not None else self._inference_weights()
         B, T, d = x.shape
         p = torch.mm(x.reshape(B * T, d), in_t).view(B, T, -1)
-        reads, memory = cpu_fused.fused_write_unchecked(p, bias, memory, mask, self.num_states, self.rank)
+        reads, memory = cpu_fused.fused_write_unchecked(p, bias, memory, mask, self.num_states, self.rank,
+                                                        self.kernel_rule, self.config.normalize_qk)
         return reads.view(B * T, -1), memory
 
     def steer_(self, out: Tensor, reads: Tensor, weight_t: Tensor | None) -> bool:
@@ -323,3 +387,8 @@ class DeltaMemLayer(nn.Module):
         shape = out.shape
         fused = torch.addmm(out.reshape(-1, shape[-1]), reads.reshape(-1, reads.shape[-1]), delta.t(), alpha=self.scale)
         return fused.view(shape)
+
+
+def _as(weight: Tensor, x: Tensor) -> Tensor:
+    """``weight`` in the dtype of ``x`` (a no-op, the usual case, when they match)."""
+    return weight if weight.dtype == x.dtype else weight.to(x.dtype)

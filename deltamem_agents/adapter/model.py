@@ -25,7 +25,7 @@ from .architectures import ArchitectureSpec, resolve_architecture
 from .config import DeltaMemConfig
 from .interception import Interception, intercept_output
 from .layer import DeltaMemLayer
-from .segments import SegmentPlan, plan_segments
+from .segments import MessageWritePlan, SegmentPlan, plan_message_writes, plan_segments
 from .state import DeltaMemState
 
 
@@ -35,6 +35,7 @@ class _CallContext:
 
     write_mask: Tensor | None = None
     plan: SegmentPlan | None = None
+    message_plan: MessageWritePlan | None = None  # SSW, the authors' semantics
     reads: list[Tensor | None] = field(default_factory=list)
     o_weights: list[Tensor | None] = field(default_factory=list)  # fast path: transposed W_o^Δ per slot
     fast: bool = False  # this call uses the compiled inference kernel
@@ -113,6 +114,7 @@ class DeltaMemModel(nn.Module):
             )
         self._ctx.write_mask = write_mask
         self._ctx.plan = None
+        self._ctx.message_plan = None
         self._ctx.fast = (
             self._writes and self.config.write_mode != "ssw" and self._fast_path_possible(state)
         )
@@ -122,6 +124,11 @@ class DeltaMemModel(nn.Module):
         if self.config.write_mode == "ssw" and self._writes:
             if segment_ids is not None and tuple(segment_ids.shape) != (B, T):
                 raise ValueError(f"segment_ids must have shape {(B, T)}, got {tuple(segment_ids.shape)}")
+            if not self.config.keeps_open_message:  # the authors' semantics: None → token writes, as theirs
+                if segment_ids is not None:
+                    mask_dev = None if write_mask is None else write_mask.to(state.device)
+                    self._ctx.message_plan = plan_message_writes(segment_ids.to(state.device), mask_dev)
+                return None
             if write_mask is None:
                 write_mask = torch.ones(B, T, dtype=torch.bool, device=state.device)
             plan = plan_segments(segment_ids, write_mask.to(state.device), state.last_segment, state.pending_count)
@@ -150,12 +157,13 @@ class DeltaMemModel(nn.Module):
             return False
         first = self._targets[0][1] if self._targets else None
         cfg = self.config
-        if first is None or cfg.update_rule != "coupled" or not cfg.steer_writes or cfg.wide_value:
-            return False  # the compiled decode kernel implements the paper's coupled, steering write only
+        if first is None or first.kernel_rule is None or not cfg.steer_writes:
+            return False  # the compiled kernels cover the paper's rule and the authors' options without weights
         if torch.is_grad_enabled() and first.in_proj.requires_grad:
             return False
         weight = self._targets[0][2].weight
-        return weight.device.type == "cpu" and weight.dtype == torch.float32 and state.device.type == "cpu"
+        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and state.device.type == "cpu"
+                and state.memory[0].dtype == torch.float32)
 
     def _make_q_hook(self, slot: int, layer: DeltaMemLayer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
@@ -185,6 +193,8 @@ class DeltaMemModel(nn.Module):
                 return layer.correct(output, reads.view(*x.shape[:2], -1), layer.delta_q)
             if not self._writes:
                 reads = layer.read_only(x, memory)
+            elif self._ctx.message_plan is not None:
+                reads, state.memory[slot] = layer.message_write(x, memory, self._ctx.message_plan)
             elif self._ctx.plan is not None:
                 reads, state.memory[slot], state.pending_sum[slot] = layer.sequence_write(
                     x, memory, state.pending_sum[slot].to(x.device), self._ctx.plan
@@ -248,8 +258,17 @@ class DeltaMemModel(nn.Module):
         first = next(iter(self.delta_layers.values()))
         return first.hidden_size if first.wide else self.config.rank
 
-    def new_state(self, batch_size: int = 1) -> DeltaMemState:
-        """A fresh (all-zero) state for ``batch_size`` sequences, on the model's device."""
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """Dtype of a new state, and so of the memory arithmetic: float32 whatever the model dtype (long
+        conversations do not drift in bf16), float64 for a float64 model (a state of another dtype installed
+        with :meth:`set_state` is kept, and the arithmetic follows it)."""
+        dtype = next(iter(self.delta_layers.values())).in_proj.dtype
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    def new_state(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> DeltaMemState:
+        """A fresh (all-zero) state for ``batch_size`` sequences, on the model's device, of ``dtype``
+        (default :attr:`state_dtype`)."""
         device = next(iter(self.delta_layers.values())).in_proj.device
         return DeltaMemState.zeros(
             len(self.layer_indices),
@@ -257,8 +276,9 @@ class DeltaMemModel(nn.Module):
             self.config.num_states,
             self.config.rank,
             value_width=self.value_width,
-            sequence_write=self.config.write_mode == "ssw",
+            sequence_write=self.config.keeps_open_message,
             device=device if device.type != "meta" else "cpu",
+            dtype=dtype or self.state_dtype,
         )
 
     @property
@@ -296,8 +316,9 @@ class DeltaMemModel(nn.Module):
             raise ValueError(f"state has {state.num_layers} layers, the adapter wraps {len(self.layer_indices)}")
         if tuple(state.memory[0].shape[1:]) != expect:
             raise ValueError(f"state sub-states have shape {tuple(state.memory[0].shape[1:])}, expected {expect}")
-        if state.sequence_write != (cfg.write_mode == "ssw"):
-            raise ValueError(f"state layout does not match write mode {cfg.write_mode!r}")
+        if state.sequence_write != cfg.keeps_open_message:
+            raise ValueError(f"state layout does not match write mode {cfg.write_mode!r} "
+                             f"(ssw_semantics {cfg.ssw_semantics!r})")
         if not state.is_finite():
             raise ValueError("state contains NaN or Inf")
 

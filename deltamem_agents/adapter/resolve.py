@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from .config import DeltaMemConfig
-from .io import AdapterMismatchError, import_official_adapter, load_adapter
+from .io import AdapterMismatchError, load_adapter
 from .model import DeltaMemModel, attach
+from .official import import_official_adapter
 
 __all__ = ["fresh_adapter", "resolve_adapter"]
 

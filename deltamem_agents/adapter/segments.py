@@ -119,3 +119,59 @@ def plan_segments(
         ext_len=ext_len,
         last_segment=filled[:, -1] if T > 0 else last_segment.clone(),
     )
+
+
+@dataclass
+class MessageWritePlan:
+    """SSW with the authors' semantics (``ssw_semantics="official"``): the messages written by one forward call.
+
+    Each row's message ids ``≥ 0`` present in the call become slots ``0 … M−1`` in ascending id order; every
+    token of a slot is averaged into its one write. Tokens with id −1 (never written) and padding go to the dump
+    slot ``M``, which is dropped.
+
+    Attributes:
+        token_slot: ``(B, T)`` slot of each token (``M`` for tokens not written).
+        counts: ``(B, M)`` float, tokens per slot.
+        write_valid: ``(B, M)`` bool, the slot holds a message (rows with fewer messages have empty slots).
+    """
+
+    token_slot: Tensor
+    counts: Tensor
+    write_valid: Tensor
+
+    @property
+    def num_slots(self) -> int:
+        return self.counts.shape[1]
+
+
+def plan_message_writes(segment_ids: Tensor, mask: Tensor | None) -> MessageWritePlan | None:
+    """Plan the writes of one call under the authors' SSW semantics.
+
+    Args:
+        segment_ids: ``(B, T)`` message id of each token, ``≥ 0`` or −1 (never written); any order.
+        mask: ``(B, T)`` bool, False for padding (never written); ``None``: no padding.
+    Returns:
+        The plan, or ``None`` when no token of the whole batch is writable: the authors' code then writes every
+        (unpadded) token, as TSW does, and so does the caller.
+    Raises:
+        ValueError: an id below −1.
+    """
+    seg = segment_ids.long()
+    B, T = seg.shape
+    if mask is None:
+        mask = torch.ones(B, T, dtype=torch.bool, device=seg.device)
+    if T > 0 and bool((seg < -1).any()):
+        raise ValueError("message ids must be >= -1 (-1: never written) with ssw_semantics='official'")
+    active = (seg >= 0) & mask
+    if not bool(active.any()):
+        return None
+    span = int(seg.max()) + 2  # ids 0 … max, and `span − 1` for the tokens not written (sorted after every id)
+    rows = torch.arange(B, device=seg.device)[:, None]
+    keys = rows * span + torch.where(active, seg, torch.full_like(seg, span - 1))
+    uniq, inverse = torch.unique(keys, return_inverse=True)  # sorted: by row, then id
+    first = torch.searchsorted(uniq, torch.arange(B, device=seg.device) * span)
+    slot = inverse - first[:, None]  # rank of the token's id among its row's ids
+    num_slots = int((torch.where(active, slot, torch.full_like(slot, -1)).max(dim=1).values + 1).max())
+    slot = torch.where(active, slot, torch.full_like(slot, num_slots))
+    counts = torch.zeros(B, num_slots + 1, device=seg.device).scatter_add(1, slot, active.float())[:, :num_slots]
+    return MessageWritePlan(token_slot=slot, counts=counts, write_valid=counts > 0)

@@ -1,9 +1,10 @@
 """`DeltaMemState`: the per-sequence memory of a δ-mem model (what a session persists).
 
 The memory is kilobytes: for every wrapped layer a tensor of shape ``(B, N, r, r)`` (float32 whatever the model
-dtype, so long conversations do not drift in bf16). Sequence-state write (SSW) additionally keeps, per layer, the
-running sum of the memory projections of the message that is still open, and per row its token count and id: a
-message is written once, when the next message starts, so a message split across calls still gets one write.
+dtype, so long conversations do not drift in bf16; float64 for a float64 model). Sequence-state write (SSW, our
+semantics) additionally keeps, per layer, the running sum of the memory projections of the message that is still
+open, and per row its token count and id: a message is written once, when the next message starts, so a message
+split across calls still gets one write.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class DeltaMemState:
     """Memory state of a batch of sequences.
 
     Attributes:
-        memory: one tensor per wrapped layer, shape ``(B, N, r, r)``, float32.
+        memory: one tensor per wrapped layer, shape ``(B, N, r, r)``, float32 (or float64).
         pending_sum: SSW only; per layer ``(B, 4·N·r)``, sum of the memory projections of the open message.
         pending_count: SSW only; ``(B,)`` float32, number of tokens in the open message.
         last_segment: SSW only; ``(B,)`` int64, id of the open message (``-1``: none).
@@ -45,19 +46,23 @@ class DeltaMemState:
         value_width: int | None = None,
         sequence_write: bool = False,
         device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> DeltaMemState:
         """A fresh state: ``S₀ = 0`` (gives exactly the base model's logits). ``value_width``: rows of each
-        sub-state (``rank`` when None, as in the paper; the hidden size for wide values)."""
+        sub-state (``rank`` when None, as in the paper; the hidden size for wide values). ``dtype``: float32
+        (default) or float64 (the memory arithmetic runs in the state's dtype)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"a state is float32 or float64, got {dtype}")
         rows = rank if value_width is None else value_width
-        mem = [torch.zeros(batch_size, num_states, rows, rank, device=device) for _ in range(num_layers)]
+        mem = [torch.zeros(batch_size, num_states, rows, rank, device=device, dtype=dtype) for _ in range(num_layers)]
         if not sequence_write:
             return cls(mem)
         width = 4 * num_states * rank
         return cls(
             mem,
-            pending_sum=[torch.zeros(batch_size, width, device=device) for _ in range(num_layers)],
+            pending_sum=[torch.zeros(batch_size, width, device=device, dtype=dtype) for _ in range(num_layers)],
             pending_count=torch.zeros(batch_size, device=device),
             last_segment=torch.full((batch_size,), NO_SEGMENT, dtype=torch.long, device=device),
         )
@@ -170,7 +175,7 @@ class DeltaMemState:
         memory = tensors["memory"]
         if memory.dim() != 5:
             raise ValueError(f"'memory' must have shape (L, B, N, r, r) (or (L, B, N, d, r)), got {tuple(memory.shape)}")
-        mem = [m.clone().float() for m in memory.unbind(0)]
+        mem = [_state_float(m) for m in memory.unbind(0)]
         keys = {"pending_sum", "pending_count", "last_segment"}
         present = keys & tensors.keys()
         if not present:
@@ -183,10 +188,15 @@ class DeltaMemState:
             raise ValueError("sequence-write tensors do not match the memory's (layers, batch)")
         return cls(
             mem,
-            [p.clone().float() for p in ps.unbind(0)],
+            [_state_float(p) for p in ps.unbind(0)],
             tensors["pending_count"].clone().float(),
             tensors["last_segment"].clone().long(),
         )
+
+
+def _state_float(t: Tensor) -> Tensor:
+    """A copy in float32, or float64 if it is (a float64 model's state keeps its precision)."""
+    return t.clone() if t.dtype == torch.float64 else t.clone().float()
 
 
 def _row_index(rows: int | Sequence[int] | Tensor, device: torch.device) -> Tensor:

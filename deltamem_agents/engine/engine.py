@@ -53,12 +53,13 @@ from .errors import FingerprintMismatchError, InvalidMessageError, MessageTooLon
 from .generation import generate
 from .kv_files import KVCacheFiles
 from .kv_pool import KVCachePool, KVCacheStats
-from .messages import Message, normalize_messages
+from .messages import Message, normalize_message, normalize_messages
 from .rendering import ChatRenderer
 from .results import ChatChunk, ChatResult, Usage, WriteResult
 from .sampling import SamplingParams
 from .serialization import blobs_to_state, state_to_blobs
 from .session import HISTORY_STYLES, plan_turn
+from .tool_calls import ParsedReply, ToolCallFormat, detect_tool_format
 from .turns import GenOptions, OnlineTurns, Prepared, StateOnlyTurns, TurnMode, TurnWork, WindowedTurns
 from .window import HistoryItem
 
@@ -169,6 +170,7 @@ class MemoryEngine:
         self.device = next(self.model.base_model.parameters()).device
         self.runner = ModelRunner(self.model, self.device)
         self.renderer = ChatRenderer(self._tokenizer)
+        self._tool_format = detect_tool_format(self._tokenizer)
         if batch_decode and not model_can_batch(self.runner.new_cache()):
             logger.warning("batch_decode: this model's KV cache (%s) cannot be batched; sessions decode one "
                            "forward call at a time", type(self.runner.new_cache()).__name__)
@@ -217,6 +219,12 @@ class MemoryEngine:
         cfg = self.model.base_model.config
         cfg = getattr(cfg, "text_config", None) or cfg
         return int(getattr(cfg, "max_position_embeddings", None) or 4096)
+
+    @property
+    def tool_call_format(self) -> ToolCallFormat | None:
+        """How the chat template writes tool calls (:mod:`.tool_calls`), or ``None``: then replies are never
+        parsed for calls, ``tools`` or not."""
+        return self._tool_format
 
     @property
     def fingerprints(self) -> dict[str, str]:
@@ -597,7 +605,8 @@ class MemoryEngine:
                 if final.finish_reason == "cancelled":
                     runner.abandon(work)
                     return
-                reply = Message("assistant", final.full_text)
+                parsed = self._parse_reply(final.full_text, gen.tools)
+                reply = self._reply_message(final.full_text, parsed)
                 reply_item = HistoryItem(plan.history[-1].index + 1, reply, len(self.renderer.message_ids(reply)))
                 runner.write_reply(work, prompt, reply_item)
                 info, work = self._commit(runner, work, [*plan.history, reply_item], [*msgs, reply],
@@ -612,13 +621,29 @@ class MemoryEngine:
                 full_context_tokens=self._full_context_tokens(prep),
                 cached_tokens=prompt.cached_tokens,
             )
+            finish = "tool_calls" if parsed.tool_calls and final.finish_reason == "stop" else final.finish_reason
             result = ChatResult(
-                text=final.full_text, finish_reason=final.finish_reason, usage=usage, session_id=session_id,
+                text=final.full_text, finish_reason=finish, usage=usage, session_id=session_id,
                 namespace=ns, turn=info.turn, replayed=plan.replayed,
                 rolled_back_to=plan.base_turn if plan.replayed else None, written_messages=len(work.written),
-                mode=mode, kv_cache=work.kv,
+                mode=mode, kv_cache=work.kv, content=parsed.content, tool_calls=parsed.tool_calls,
             )
-        yield ChatChunk(final.text, session_id, finish_reason=final.finish_reason, usage=usage, result=result)
+        yield ChatChunk(final.text, session_id, finish_reason=finish, usage=usage, result=result)
+
+    def _parse_reply(self, text: str, tools: Any) -> ParsedReply:
+        """Tool calls in the reply: only when tools were offered and the template has a call format."""
+        if not tools or self._tool_format is None:
+            return ParsedReply(text)
+        return self._tool_format.parse(text, tools)
+
+    @staticmethod
+    def _reply_message(text: str, parsed: ParsedReply) -> Message:
+        """The reply as it is written: with calls, as the assistant message a client sends back (its content and
+        ``tool_calls``), so that the resent copy is recognised and the template renders the calls its own way."""
+        if not parsed.tool_calls:
+            return Message("assistant", text)
+        return normalize_message({"role": "assistant", "content": parsed.content or "",
+                                  "tool_calls": [c.to_openai() for c in parsed.tool_calls]})
 
     def _commit(self, runner: TurnMode, work: TurnWork, history: list[HistoryItem], all_msgs: list[Message],
                 all_counts: list[int]) -> tuple[SessionInfo, TurnWork]:

@@ -20,12 +20,12 @@ import json
 import logging
 import os
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..files import atomic_write
 from ..models.kv_cache import cache_layers, new_cache
 from ..store.base import SessionData
 from .kv_pool import HotContext
@@ -98,14 +98,10 @@ class KVCacheFiles:
             "sha256": _tensor_digest([tensors[f"{kv}{i}"] for i in range(len(layers)) for kv in "kv"]),
         }
         path = self.path(key)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            save_file(tensors, str(tmp), metadata={"deltamem_kv": json.dumps(meta)})
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"deltamem_kv": json.dumps(meta)}))
         except OSError as exc:
             logger.warning("could not save the KV cache of %s/%s to %s: %s", key[0], key[1], path, exc)
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             return None
         self._enforce_cap(keep=path)
         return path

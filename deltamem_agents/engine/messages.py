@@ -6,6 +6,11 @@ The engine accepts dicts ``{"role", "content"}`` (OpenAI style, optionally ``nam
 
 The **digest** of a message identifies what would be written for it: SHA-256 over a canonical JSON of role,
 content and the optional fields. The written record keeps it, so a resent history is matched message by message.
+
+``tool_calls`` are kept in one canonical shape, ``[{"id"?, "type": "function", "function": {"name", "arguments"}}]``
+with ``arguments`` an object when it is JSON text of one (OpenAI sends a string, templates want an object, and a
+client that re-serialises the arguments with other spacing still sends the same call): the template renders it
+as its own, and an assistant reply with calls is recognised when a client resends it.
 """
 
 from __future__ import annotations
@@ -66,6 +71,35 @@ def _content_text(content: Any, where: str) -> str:
     raise InvalidMessageError(f"{where}: content must be a string or a list of text parts, got {type(content).__name__}")
 
 
+def _canonical_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """``tool_calls`` in OpenAI's shape, a flat ``{"name", "arguments"}`` or LangChain's ``{"name", "args", "id"}``
+    → the canonical shape (see the module docstring)."""
+    if not isinstance(calls, list | tuple):
+        raise InvalidMessageError(f"{where}: tool_calls must be a list, got {type(calls).__name__}")
+    out: list[dict[str, Any]] = []
+    for i, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping):
+            fn = call
+        name = fn.get("name") if isinstance(fn, Mapping) else None
+        if not isinstance(name, str) or not name:
+            raise InvalidMessageError(f"{where}: tool_calls[{i}] must be an object with a function name")
+        args = fn.get("arguments", fn.get("args", {}))
+        if isinstance(args, str):
+            try:
+                parsed = json.loads(args)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, dict):
+                args = parsed
+        entry: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": args}}
+        call_id = call.get("id")
+        if call_id not in (None, ""):
+            entry["id"] = str(call_id)
+        out.append(entry)
+    return out
+
+
 def normalize_message(message: Any, position: int = 0) -> Message:
     """Validate one message (dict or object) and return a :class:`Message`.
 
@@ -96,6 +130,8 @@ def normalize_message(message: Any, position: int = 0) -> Message:
         for key in _EXTRA_KEYS:
             value = extra_src.get(key)
             if value not in (None, "", []):
+                if key == "tool_calls":
+                    value = _canonical_tool_calls(value, where)
                 extra.append((key, value))
     if role != "assistant" and not text.strip():
         raise InvalidMessageError(f"{where}: empty {role} message")

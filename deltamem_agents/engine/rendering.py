@@ -38,10 +38,11 @@ class ChatRenderer:
         self.generation_header_ids = self._generation_header()
 
     # -- template helpers -----------------------------------------------------------------------------------
-    def _template(self, messages: list[dict[str, Any]], *, generation: bool = False, tools: Any = None) -> str:
+    def _template(self, messages: list[dict[str, Any]], *, generation: bool = False, tools: Any = None,
+                  **template_vars: Any) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=generation, tools=tools
+                messages, tokenize=False, add_generation_prompt=generation, tools=tools, **template_vars
             )
         except Exception as exc:  # jinja raises TemplateError for roles/orders a template does not accept
             raise InvalidMessageError(f"the chat template cannot render these messages: {exc}") from exc
@@ -100,6 +101,29 @@ class ChatRenderer:
             return self.encode(self._template([m.to_template() for m in history], tools=tools))
         if not new:
             return []
-        first = self._template([new[0].to_template()], tools=tools)
-        own = self.message_text(new[0])
-        return self.encode(first[: -len(own)]) if own and first.endswith(own) else []
+        head = self._head_before(new[0], tools)
+        if head is None and tools:
+            head = self._tools_head(tools)
+        return self.encode(head) if head else []
+
+    def _head_before(self, first: Message, tools: Any, **template_vars: Any) -> str | None:
+        """What the template renders before ``first`` when it opens the conversation; ``None`` when the
+        template does not render ``first`` as its own (it merged ``tools`` into it) or refuses it alone."""
+        try:
+            text = self._template([first.to_template()], tools=tools, **template_vars)
+        except InvalidMessageError:
+            return None
+        own = self.message_text(first)
+        return text[: -len(own)] if own and text.endswith(own) else None
+
+    def _tools_head(self, tools: Any) -> str | None:
+        """The tool definitions as a head of their own, for templates that write them *into* the first message
+        (Qwen into a leading system message, Llama 3 into the first user message): rendered as the template
+        does before a plain user message (Llama 3 asked to put them in its system block), so the tools reach
+        the model although each message is written as its own."""
+        probe = Message("user", "deltamem-probe")
+        for template_vars in ({}, {"tools_in_user_message": False}):
+            head = self._head_before(probe, tools, **template_vars)
+            if head is not None:
+                return head
+        return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .tool_calls import ToolCall
+
 __all__ = ["ChatChunk", "ChatResult", "Usage", "WriteResult"]
 
 
@@ -38,8 +40,10 @@ class ChatResult:
     """One generated turn.
 
     Attributes:
-        text: the reply (stop strings cut off).
-        finish_reason: ``"stop"`` (EOS or a stop string) or ``"length"`` (``max_new_tokens`` reached).
+        text: the reply as generated (stop strings cut off), tool calls included as the model wrote them.
+        finish_reason: ``"stop"`` (EOS or a stop string), ``"length"`` (``max_new_tokens`` reached) or
+            ``"tool_calls"`` (the reply holds tool calls and ended by itself; a reply cut at ``max_new_tokens``
+            stays ``"length"``).
         usage: token counts.
         session_id, namespace: the session.
         turn: the session's turn after this call (the snapshot that holds the reply).
@@ -52,6 +56,10 @@ class ChatResult:
             ``"disk"`` (its saved file), ``"rebuilt"`` (re-prefilled from text: a miss), ``"slid"`` (the budget
             filled: older messages left, the rest was re-prefilled), ``"new"`` (nothing to prefill); ``None`` in
             the other modes.
+        content: the text outside the tool calls (``None`` when the reply is only calls); ``text`` when there
+            are no calls. See :mod:`.tool_calls`.
+        tool_calls: the calls parsed from the reply (only when ``tools`` were given and the chat template has a
+            call format); the reply is written as an assistant message with these ``tool_calls``.
     """
 
     text: str
@@ -65,6 +73,12 @@ class ChatResult:
     written_messages: int = 0
     mode: str = "online"
     kv_cache: str | None = None
+    content: str | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.tool_calls and self.content is None:
+            object.__setattr__(self, "content", self.text)
 
 
 @dataclass(frozen=True)

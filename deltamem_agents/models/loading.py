@@ -8,7 +8,10 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .embedded import _transformers_progress, load_embedded_model, match_gguf_bos, prepare_tokenizer
+from .embedded import load_embedded_model
+from .gguf_convert import match_gguf_bos
+from .progress import transformers_progress
+from .tokenizer_setup import prepare_tokenizer
 
 __all__ = ["default_device", "default_dtype", "load_base_model", "resolve_dtype"]
 
@@ -155,7 +158,7 @@ def load_base_model(
     model_kwargs: dict[str, Any] = {"dtype": dtype}
     if device.type != "cpu":
         model_kwargs["device_map"] = {"": device}
-    with _transformers_progress(not is_local):  # a hub download keeps its progress; a local load needs none
+    with transformers_progress(not is_local):  # a hub download keeps its progress; a local load needs none
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **common, **model_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
     if gguf is not None and is_local:

@@ -1,8 +1,9 @@
 """Gated delta-rule kernels (the bottom layer: imports nothing else from ``deltamem_agents``).
 
-All three share one contract, ``fn(q, k, v, beta, initial_state=None, mask=None) -> (out, final_state)``
-with ``q, k, v, beta (B, T, N, r)``, ``initial_state (B, N, r, r)``, ``mask (B, T)`` bool; see
-:mod:`.reference` for the math.
+All three share one contract, ``fn(q, k, v, beta, initial_state=None, mask=None, *, decay=None, erase=None)
+-> (out, final_state)`` with ``q, k, v, beta (B, T, N, r)``, ``initial_state (B, N, r, r)``, ``mask (B, T)``
+bool, and the optional retention ``decay`` and erase gate ``erase`` (``None``: the paper's ``1 − β`` and ``β``);
+see :mod:`.reference` for the math. :mod:`.cpu_fused` is the compiled inference kernel (activations included).
 """
 
 from . import cpu_fused

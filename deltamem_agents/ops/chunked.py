@@ -22,6 +22,9 @@ so with ``W = (I + A)^{-1}`` (a unit-lower-triangular solve), ``U = W (β ⊙ v)
 * reads:      ``o = P U + (Diag(γ_{t-1}) Q − P Wk) s_0ᵀ``   with ``P[t, j] = D[t, j] (q_t·k_j)``
 * chunk end:  ``s_C = M s_0 + h`` with ``M = γ_C I − Kᵀ Diag(g) Wk``, ``h = Kᵀ (g ⊙ U)``, ``g_j = γ_C / γ_j``
 
+With a separate erase gate ``ε`` (``e_t = β_t v_t − ε_t s_{t-1}·k_t``; the authors' ``lambda_outside`` mode)
+the same steps give ``A[t, j] = ε_t D[t, j] (k_t·k_j)`` and ``Wk = W Diag(ε ⊙ γ_{t-1}) K``; ``U`` is unchanged.
+
 Everything except ``s_0`` is computed for all chunks at once; the carry ``s ← M_c s + h_c`` is the only
 loop, and the reads of all chunks are one batched ``baddbmm`` afterwards.
 
@@ -61,6 +64,7 @@ def delta_rule_chunked(
     *,
     chunk_size: int = 64,
     decay: Tensor | None = None,
+    erase: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gated delta rule over a whole sequence, in chunks of ``chunk_size`` positions.
 
@@ -72,6 +76,7 @@ def delta_rule_chunked(
         mask: ``(B, T)`` bool, False = padding (no write; its read is still computed), or None for all True.
         decay: ``(B, T, N, r)`` retention ``λ`` in ``[0, 1]`` (decoupled/delta rules, beyond the paper), or None
             for the coupled ``1 − beta``. The derivation above holds with ``c_t = λ_t`` unchanged.
+        erase: ``(B, T, N, r)`` erase gate ``ε`` (see the module docstring), or None for ``beta`` (the paper).
         chunk_size: positions per chunk (``T`` is padded up to a multiple with no-op positions). Memory and
             work per position grow with ``N · r · chunk_size``; the sequential loop has ``T / chunk_size`` steps.
 
@@ -79,7 +84,7 @@ def delta_rule_chunked(
         ``(out, final_state)``: ``out (B, T, N, r)`` with ``out[:, t] = S_{t-1} q_t``, and
         ``final_state (B, N, r, r)``. Both in the dtype of the inputs.
     """
-    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask, decay)
+    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask, decay, erase)
     dv = v.shape[-1]  # rows of the state (= r in the paper; the hidden size for wide values)
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
@@ -94,16 +99,21 @@ def delta_rule_chunked(
         beta = beta.masked_fill(~mask[:, :, None, None], 0.0)
         if decay is not None:
             decay = decay.masked_fill(~mask[:, :, None, None], 1.0)
-    if pad:  # padded positions have beta = 0 (and decay 1): identity updates
+        if erase is not None:
+            erase = erase.masked_fill(~mask[:, :, None, None], 0.0)
+    if pad:  # padded positions have beta = erase = 0 (and decay 1): identity updates
         q, k, v, beta = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v, beta))
         if decay is not None:
             decay = F.pad(decay, (0, 0, 0, 0, 0, pad), value=1.0)
+        if erase is not None:
+            erase = F.pad(erase, (0, 0, 0, 0, 0, pad))
 
     # Layouts: shared by the r rows of a sub-state -> (nC, B, N, 1, C, r); per row -> (nC, B, N, r, C).
     Q = q.reshape(B, nC, C, N, r).permute(1, 0, 3, 2, 4).unsqueeze(3)
     K = k.reshape(B, nC, C, N, r).permute(1, 0, 3, 2, 4).unsqueeze(3)
     b = beta.reshape(B, nC, C, N, dv).permute(1, 0, 3, 4, 2)
     vb = v.reshape(B, nC, C, N, dv).permute(1, 0, 3, 4, 2) * b  # β ⊙ v
+    eb = b if erase is None else erase.reshape(B, nC, C, N, dv).permute(1, 0, 3, 4, 2)  # ε
 
     # Log-decays (see "Numerics" in the module docstring for the clamp; a separate decay is clamped the same way
     # away from 0, so log(0) = −inf never enters the running sums).
@@ -118,11 +128,11 @@ def delta_rule_chunked(
     D = (Lx[..., :, None] - L[..., None, :]).masked_fill(~strict, float("-inf")).exp()  # (nC,B,N,dv,C,C)
 
     KQ = torch.cat((K, Q), dim=-2) @ K.mT  # (nC,B,N,1,2C,C): [k_t·k_j ; q_t·k_j]
-    A = D * KQ[..., :C, :] * b[..., :, None]
+    A = D * KQ[..., :C, :] * eb[..., :, None]
     P = D * KQ[..., C:, :]
 
     gx = Lx.exp()  # γ_{t-1}
-    rhs = torch.cat((vb[..., None], (b * gx)[..., None] * K), dim=-1)  # (nC,B,N,dv,C,1+r)
+    rhs = torch.cat((vb[..., None], (eb * gx)[..., None] * K), dim=-1)  # (nC,B,N,dv,C,1+r)
     X = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)  # [U, Wk]; diag(A)=0 ignored
     PX = P @ X
     Qeff = gx[..., None] * Q - PX[..., 1:]  # (nC,B,N,dv,C,r)

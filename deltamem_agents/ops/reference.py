@@ -11,8 +11,13 @@ rules, an extension beyond the paper)::
     read:   o_t = S_{t-1} q_t                                   (read BEFORE write)
     write:  S_t = Diag(λ_t) S_{t-1} + Diag(β_t) (v_t − S_{t-1} k_t) k_tᵀ
 
-Where ``mask[b, t]`` is False the position writes nothing (``β_t`` is treated as 0, so the state is unchanged)
-but its read ``o_t`` is still computed (the caller ignores it).
+An optional ``erase`` gate ``ε_t`` (per row) separates the strength of the erase term from that of the write (the
+authors' ``state_update_mode="lambda_outside"`` is ``ε = λ ⊙ β``; ``None`` is ``ε = β``, the paper)::
+
+    write:  S_t = Diag(λ_t) S_{t-1} + Diag(β_t) v_t k_tᵀ − Diag(ε_t) (S_{t-1} k_t) k_tᵀ
+
+Where ``mask[b, t]`` is False the position writes nothing (``β_t`` and ``ε_t`` are treated as 0 and ``λ_t`` as
+1, so the state is unchanged) but its read ``o_t`` is still computed (the caller ignores it).
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ def check_inputs(
     initial_state: Tensor | None,
     mask: Tensor | None,
     decay: Tensor | None = None,
+    erase: Tensor | None = None,
 ) -> tuple[int, int, int, int]:
     """Cheap shape/dtype checks shared by the three implementations; returns ``(B, T, N, r)``.
 
-    ``v``, ``beta`` and ``decay`` may have a value width ``dv`` other than the key width ``r`` (the state is then
-    ``(B, N, dv, r)``: the wide-value option); the paper's state is square.
+    ``v``, ``beta``, ``decay`` and ``erase`` may have a value width ``dv`` other than the key width ``r`` (the
+    state is then ``(B, N, dv, r)``: the wide-value option); the paper's state is square.
 
     Raises:
         ValueError: on any shape or dtype mismatch.
@@ -49,7 +55,8 @@ def check_inputs(
     if v.dim() != 4 or v.shape[:3] != shape[:3]:
         raise ValueError(f"v must have shape (B, T, N, dv) with (B, T, N) = {tuple(shape[:3])}, got {tuple(v.shape)}")
     dv = v.shape[3]
-    named = [("k", k), ("v", v), ("beta", beta)] + ([("decay", decay)] if decay is not None else [])
+    named = [("k", k), ("v", v), ("beta", beta)]
+    named += [(n, x) for n, x in (("decay", decay), ("erase", erase)) if x is not None]
     for name, x in named[2:]:
         if x.shape != v.shape:
             raise ValueError(f"{name} must have the shape of v {tuple(v.shape)}, got {tuple(x.shape)}")
@@ -81,6 +88,7 @@ def delta_rule_reference(
     initial_state: Tensor | None = None,
     mask: Tensor | None = None,
     decay: Tensor | None = None,
+    erase: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Gated delta rule, one position at a time (the specification).
 
@@ -90,24 +98,29 @@ def delta_rule_reference(
         beta: ``(B, T, N, dv)`` per-row write strength in ``[0, 1]``; the decay is ``1 − beta``.
         initial_state: ``(B, N, dv, r)`` state before position 0, or None for zeros.
         mask: ``(B, T)`` bool, False = padding (no write and no decay; its read is still computed), or None.
-        decay: ``(B, T, N, r)`` per-row retention ``λ_t`` in ``[0, 1]``, or None for the coupled ``1 − beta``.
+        decay: ``(B, T, N, dv)`` per-row retention ``λ_t`` in ``[0, 1]``, or None for the coupled ``1 − beta``.
+        erase: ``(B, T, N, dv)`` per-row erase gate ``ε_t``, or None for ``beta`` (the paper).
 
     Returns:
         ``(out, final_state)``: ``out (B, T, N, r)`` with ``out[:, t] = S_{t-1} q_t``, and
         ``final_state (B, N, r, r)``. Both in the dtype of the inputs.
     """
-    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask, decay)
+    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask, decay, erase)
     S = q.new_zeros(B, N, v.shape[-1], r) if initial_state is None else initial_state
     outs = []
     for t in range(T):
         q_t, k_t, v_t, b_t = q[:, t], k[:, t], v[:, t], beta[:, t]  # (B, N, r)
         l_t = 1 - b_t if decay is None else decay[:, t]
+        e_t = b_t if erase is None else erase[:, t]
         if mask is not None:
             b_t = torch.where(mask[:, t, None, None], b_t, torch.zeros_like(b_t))
+            e_t = torch.where(mask[:, t, None, None], e_t, torch.zeros_like(e_t))
             l_t = torch.where(mask[:, t, None, None], l_t, torch.ones_like(l_t))
         outs.append(torch.einsum("bnij,bnj->bni", S, q_t))  # read before write
         Sk = torch.einsum("bnij,bnj->bni", S, k_t)
-        write = (b_t * (v_t - Sk))[..., :, None] * k_t[..., None, :]  # Diag(β_t)(v_t − S k_t) k_tᵀ
+        # (Diag(β_t) v_t − Diag(ε_t) S k_t) k_tᵀ; the paper's ε = β keeps its factored form
+        e = b_t * (v_t - Sk) if erase is None else b_t * v_t - e_t * Sk
+        write = e[..., :, None] * k_t[..., None, :]
         S = l_t[..., :, None] * S + write  # Diag(λ_t) scales row i of S
     out = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, N, v.shape[-1])
     return out, S

@@ -30,6 +30,7 @@ def delta_rule_step(
     initial_state: Tensor | None = None,
     mask: Tensor | None = None,
     decay: Tensor | None = None,
+    erase: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One position of the gated delta rule.
 
@@ -40,6 +41,8 @@ def delta_rule_step(
         initial_state: ``(B, N, r, r)`` state before this position, or None for zeros.
         mask: ``(B, 1)`` bool, False = padding (no write; the read is still computed), or None for all True.
         decay: ``(B, 1, N, r)`` retention ``λ`` (decoupled/delta rules), or None for the coupled ``1 − beta``.
+        erase: ``(B, 1, N, r)`` erase gate ``ε`` (the authors' ``lambda_outside``: ``ε = λ β``), or None for
+            ``beta``.
 
     Returns:
         ``(out, new_state)``: ``out (B, 1, N, r) = S q`` (read before the write; a strided view, not
@@ -48,7 +51,7 @@ def delta_rule_step(
     Raises:
         ValueError: on bad shapes/dtypes, or if ``T != 1``.
     """
-    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask, decay)
+    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask, decay, erase)
     if T != 1:
         raise ValueError(f"delta_rule_step takes one position (T == 1), got T = {T}")
     S = q.new_zeros(B, N, v.shape[-1], r) if initial_state is None else initial_state
@@ -57,9 +60,16 @@ def delta_rule_step(
     X = (v - Sk).unsqueeze(-1) * k.unsqueeze(-2) - S1  # (v − S k) kᵀ − S
     if mask is not None:
         beta = beta * mask[:, :, None, None]
-    if decay is None:
+    if decay is None and erase is None:
         return Sq, torch.addcmul(S1, beta.unsqueeze(-1), X).squeeze(1)
-    # decoupled: S' = Diag(λ) S + Diag(β)(v − S k) kᵀ = Diag(λ) S + Diag(β)(X + S)
-    if mask is not None:
+    if decay is None:
+        decay = 1 - beta
+    elif mask is not None:
         decay = torch.where(mask[:, :, None, None], decay, torch.ones_like(decay))
-    return Sq, (decay.unsqueeze(-1) * S1 + beta.unsqueeze(-1) * (X + S1)).squeeze(1)
+    if erase is None:  # decoupled: S' = Diag(λ) S + Diag(β)(v − S k) kᵀ = Diag(λ) S + Diag(β)(X + S)
+        return Sq, (decay.unsqueeze(-1) * S1 + beta.unsqueeze(-1) * (X + S1)).squeeze(1)
+    if mask is not None:
+        erase = erase * mask[:, :, None, None]
+    # separate erase gate: S' = Diag(λ) S + (Diag(β) v − Diag(ε) S k) kᵀ
+    e = beta * v - erase * Sk
+    return Sq, (decay.unsqueeze(-1) * S1 + e.unsqueeze(-1) * k.unsqueeze(-2)).squeeze(1)

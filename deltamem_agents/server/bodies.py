@@ -16,9 +16,11 @@ __all__ = [
     "CallIds",
     "chat_chunk",
     "chat_completion_body",
+    "chat_message",
     "completion_body",
     "completion_chunk",
     "deltamem_extension",
+    "tool_call_deltas",
     "usage_body",
 ]
 
@@ -57,13 +59,29 @@ def deltamem_extension(result: Any, session_id: str | None, version: int | None)
     }  # fmt: skip
 
 
+def chat_message(result: Any) -> dict[str, Any]:
+    """The assistant message of a chat completion: with tool calls, ``content`` is the text outside them
+    (``None`` when there is none) and ``tool_calls`` lists them; otherwise the reply's text."""
+    if not result.tool_calls:
+        return {"role": "assistant", "content": result.text, "refusal": None}
+    return {"role": "assistant", "content": result.content, "refusal": None,
+            "tool_calls": [call.to_openai() for call in result.tool_calls]}
+
+
+def tool_call_deltas(index: int, call: Any) -> list[dict[str, Any]]:
+    """A call as stream deltas (OpenAI's shape): its id, type and name with empty arguments, then the arguments."""
+    return [
+        {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}},
+        {"index": index, "function": {"arguments": call.arguments}},
+    ]
+
+
 def chat_completion_body(ids: CallIds, result: Any, extension: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": ids.id, "object": "chat.completion", "created": ids.created, "model": ids.model,
         "system_fingerprint": ids.system_fingerprint,
         "choices": [{
-            "index": 0, "message": {"role": "assistant", "content": result.text, "refusal": None},
-            "logprobs": None, "finish_reason": result.finish_reason,
+            "index": 0, "message": chat_message(result), "logprobs": None, "finish_reason": result.finish_reason,
         }],
         "usage": usage_body(result.usage),
         "deltamem": extension,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ from .state import ServerState, TenantDep, server_state
 from .streaming import OpenStream, SSEResponse, sse_events
 
 __all__ = ["router"]
+
+logger = logging.getLogger("deltamem_agents.server")
 
 router = APIRouter()
 
@@ -150,21 +153,47 @@ def _ids(state: ServerState, prefix: str) -> bodies.CallIds:
 
 # ---------------------------------------------------------------------------------------------- chat
 class _ChatFormat:
-    def __init__(self, ids: bodies.CallIds, include_usage: bool) -> None:
+    """Chat chunks. With ``tools`` (and a chat template that has a call format) the text is parsed for tool
+    calls as it streams: only the content that is settled (``ToolCallFormat.settled_content``) is sent, so a
+    call — or half of its opening tag — is never sent as text; the calls follow at the end as ``tool_calls``
+    deltas, with the ids the engine gave them (and wrote into the session)."""
+
+    def __init__(self, ids: bodies.CallIds, include_usage: bool, tool_format: Any = None, tools: Any = None) -> None:
         self.ids, self.include_usage = ids, include_usage
+        self.tool_format = tool_format if tools else None
+        self.tools = tools
+        self.text = ""  # raw text so far
+        self.sent = ""  # content sent so far
+
+    def _chunk(self, delta: dict[str, Any] | None, finish_reason: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        return bodies.chat_chunk(self.ids, delta, finish_reason, include_usage=self.include_usage, **kwargs)
 
     def opening(self) -> list[dict[str, Any]]:
-        return [bodies.chat_chunk(self.ids, {"role": "assistant", "content": ""}, include_usage=self.include_usage)]
+        return [self._chunk({"role": "assistant", "content": ""})]
 
-    def content(self, text: str) -> dict[str, Any]:
-        return bodies.chat_chunk(self.ids, {"content": text}, include_usage=self.include_usage)
+    def _send_upto(self, content: str) -> list[dict[str, Any]]:
+        if not content.startswith(self.sent):  # cannot happen (settled content only grows); never resend text
+            logger.warning("tool call parsing: settled content diverged from what was sent; not sending more")
+            return []
+        delta, self.sent = content[len(self.sent) :], content
+        return [self._chunk({"content": delta})] if delta else []
+
+    def content(self, text: str) -> list[dict[str, Any]]:
+        if self.tool_format is None:
+            return [self._chunk({"content": text})]
+        self.text += text
+        return self._send_upto(self.tool_format.settled_content(self.text, self.tools))
 
     def closing(self, text: str, finish_reason: str, result: Any, extension: dict[str, Any]) -> list[dict[str, Any]]:
-        delta = {"content": text} if text else {}
-        events = [bodies.chat_chunk(self.ids, delta, finish_reason, include_usage=self.include_usage,
-                                    extension=extension)]
+        if self.tool_format is None:
+            events = [self._chunk({"content": text} if text else {}, finish_reason, extension=extension)]
+        else:
+            events = self._send_upto((result.content or "") if result.tool_calls else result.text)
+            for index, call in enumerate(result.tool_calls):
+                events += [self._chunk({"tool_calls": [delta]}) for delta in bodies.tool_call_deltas(index, call)]
+            events.append(self._chunk({}, finish_reason, extension=extension))
         if self.include_usage:
-            events.append(bodies.chat_chunk(self.ids, None, include_usage=True, usage=result.usage))
+            events.append(self._chunk(None, usage=result.usage))
         return events
 
 
@@ -178,7 +207,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
     ids = _ids(state, "chatcmpl")
     if body.stream:
         handle = await turn.open_stream()
-        events = sse_events(handle, _ChatFormat(ids, body.include_usage), turn.finish)
+        fmt = _ChatFormat(ids, body.include_usage, state.engine.tool_call_format, body.engine_options().get("tools"))
+        events = sse_events(handle, fmt, turn.finish)
         return SSEResponse(events, handle, headers=turn.headers())
     result, extension = await turn.run()
     return JSONResponse(bodies.chat_completion_body(ids, result, extension),
@@ -195,8 +225,8 @@ class _CompletionFormat:
             return []
         return [bodies.completion_chunk(self.ids, self.echo, include_usage=self.include_usage)]
 
-    def content(self, text: str) -> dict[str, Any]:
-        return bodies.completion_chunk(self.ids, text, include_usage=self.include_usage)
+    def content(self, text: str) -> list[dict[str, Any]]:
+        return [bodies.completion_chunk(self.ids, text, include_usage=self.include_usage)]
 
     def closing(self, text: str, finish_reason: str, result: Any, extension: dict[str, Any]) -> list[dict[str, Any]]:
         events = [bodies.completion_chunk(self.ids, text, finish_reason, include_usage=self.include_usage,

@@ -42,7 +42,7 @@ from .session_choice import SessionChoice, choose_session
 from .state import ServerState, TenantDep, server_state
 from .streaming import OpenStream, SSEResponse
 
-__all__ = ["ResponseRequest", "input_messages", "message_item", "router"]
+__all__ = ["ResponseRequest", "function_call_item", "input_messages", "message_item", "router"]
 
 router = APIRouter(prefix="/v1/responses")
 
@@ -65,20 +65,69 @@ def _item_text(content: Any, where: str) -> str:
     return "".join(texts)
 
 
-def input_messages(items: str | list[Any]) -> list[dict[str, Any]]:
-    """Responses ``input`` (a string, or message items ``{"role", "content"}`` / ``{"type": "message", …}``)
-    as engine messages. Raises ``ValueError`` for anything else (tool outputs, images, reasoning items…)."""
+def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
+    """A ``function_call`` item as a ``tool_calls`` entry of an assistant message."""
+    call_id, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments", "{}")
+    if not isinstance(call_id, str) or not call_id or not isinstance(name, str) or not name:
+        raise ValueError(f"{where}: a function_call needs call_id and name")
+    if not isinstance(arguments, str):
+        raise ValueError(f"{where}: function_call arguments must be a JSON string")
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def input_messages(items: str | list[Any], *, outputs_need_calls: bool = False) -> list[dict[str, Any]]:
+    """Responses ``input`` as engine messages: a string, message items (``{"role", "content"}`` /
+    ``{"type": "message", …}``), ``function_call`` items (the assistant's calls: merged into the assistant
+    message before them) and ``function_call_output`` items (tool messages). Raises ``ValueError`` for anything
+    else (images, files, reasoning items…), and — with ``outputs_need_calls`` (a new chain, whose input must
+    hold the calls) — for a ``function_call_output`` whose call is not in ``input``."""
     if isinstance(items, str):
         return [{"role": "user", "content": items}]
-    out = []
+    out: list[dict[str, Any]] = []
+    calls: set[str] = set()
     for i, item in enumerate(items):
-        if not isinstance(item, dict) or item.get("type", "message") != "message":
-            kind = item.get("type") if isinstance(item, dict) else type(item).__name__
-            raise ValueError(f"input[{i}]: only message items are supported, not {kind!r}")
+        where = f"input[{i}]"
+        kind = item.get("type", "message") if isinstance(item, dict) else type(item).__name__
+        if kind == "function_call":
+            call = _function_call(item, where)
+            calls.add(call["id"])
+            last = out[-1] if out else None
+            if last is not None and last["role"] == "assistant":
+                last.setdefault("tool_calls", []).append(call)
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            continue
+        if kind == "function_call_output":
+            call_id, output = item.get("call_id"), item.get("output")
+            if not isinstance(call_id, str) or not call_id:
+                raise ValueError(f"{where}: a function_call_output needs call_id")
+            if outputs_need_calls and call_id not in calls:
+                raise ValueError(f"{where}: no function_call with call_id {call_id!r} before this output (send it "
+                                 "in input, or continue with previous_response_id or conversation)")
+            out.append({"role": "tool", "tool_call_id": call_id, "content": _item_text(output, where)})
+            continue
+        if kind != "message":
+            raise ValueError(f"{where}: only message, function_call and function_call_output items are "
+                             f"supported, not {kind!r}")
         role = _ROLES.get(item.get("role"))  # type: ignore[arg-type]
         if role is None:
-            raise ValueError(f"input[{i}]: role must be one of {sorted(_ROLES)}")
-        out.append({"role": role, "content": _item_text(item.get("content"), f"input[{i}]")})
+            raise ValueError(f"{where}: role must be one of {sorted(_ROLES)}")
+        out.append({"role": role, "content": _item_text(item.get("content"), where)})
+    return out
+
+
+def function_call_item(item_id: str, call: Any, status: str = "completed") -> dict[str, Any]:
+    """A ``function_call`` output item for a parsed call (``call_id`` is the call's id, as chat completions)."""
+    return {"type": "function_call", "id": item_id, "call_id": call.id, "name": call.name,
+            "arguments": call.arguments, "status": status}
+
+
+def _chat_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Responses' flat function tools as chat-template tools (``{"type": "function", "function": {…}}``)."""
+    out = []
+    for tool in tools:
+        fn = {k: tool[k] for k in ("name", "description", "parameters", "strict") if k in tool}
+        out.append({"type": "function", "function": fn})
     return out
 
 
@@ -95,7 +144,8 @@ def message_item(item_id: str, role: str, text: str, status: str | None = "compl
 
 
 class ResponseRequest(BaseModel):
-    """``POST /v1/responses``. Unknown fields (``tools``, ``reasoning``, ``text``, ``user``…) are ignored."""
+    """``POST /v1/responses``. Unknown fields (``reasoning``, ``text``, ``user``…) are ignored. ``tools``:
+    function tools only (rendered by the chat template; ``tool_choice: "none"`` leaves them out)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -110,6 +160,9 @@ class ResponseRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     stream: bool = False
     metadata: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("input")
     @classmethod
@@ -117,6 +170,22 @@ class ResponseRequest(BaseModel):
         if not input_messages(value):
             raise ValueError("input must not be empty")
         return value
+
+    @field_validator("tools")
+    @classmethod
+    def _function_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        for i, tool in enumerate(value or []):
+            if tool.get("type") != "function":
+                raise ValueError(f"tools[{i}]: only function tools are supported, not {tool.get('type')!r}")
+            if not isinstance(tool.get("name"), str) or not tool["name"]:
+                raise ValueError(f"tools[{i}]: a function tool needs a name")
+        return value
+
+    def engine_tools(self) -> list[dict[str, Any]] | None:
+        """The tools offered this turn, as the chat template takes them (``None``: none, or ``tool_choice`` none)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return _chat_tools(self.tools)
 
     @property
     def conversation_id(self) -> str | None:
@@ -175,6 +244,7 @@ class _Shape:
         self.model = state.engine.model_name
         self.request = body
         self.conversation = {"id": conversation} if conversation else None
+        self._call_item_ids: dict[str, str] = {}
 
     def body(self, status: str, output: list[dict[str, Any]], result: Any = None,
              extension: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -183,7 +253,9 @@ class _Shape:
             "id": self.id, "object": "response", "created_at": self.created, "status": status, "model": self.model,
             "output": output, "error": None, "incomplete_details": None, "instructions": req.instructions,
             "max_output_tokens": req.max_output_tokens, "temperature": req.temperature, "top_p": req.top_p,
-            "parallel_tool_calls": False, "tool_choice": "auto", "tools": [], "text": {"format": {"type": "text"}},
+            "parallel_tool_calls": True if req.parallel_tool_calls is None else req.parallel_tool_calls,
+            "tool_choice": "auto" if req.tool_choice is None else req.tool_choice, "tools": req.tools or [],
+            "text": {"format": {"type": "text"}},
             "truncation": "disabled", "store": req.store, "metadata": req.metadata or {},
             "previous_response_id": req.previous_response_id, "conversation": self.conversation,
             "usage": _usage(result.usage) if result is not None else None,
@@ -194,6 +266,17 @@ class _Shape:
 
     def item(self, text: str, status: str = "completed") -> dict[str, Any]:
         return message_item(self.msg_id, "assistant", text, status)
+
+    def call_item(self, call: Any, status: str = "completed") -> dict[str, Any]:
+        item_id = self._call_item_ids.setdefault(call.id, _new_id("fc_"))
+        return function_call_item(item_id, call, status)
+
+    def output(self, result: Any) -> list[dict[str, Any]]:
+        """The output items: the assistant message (when it has text, or there are no calls), then one
+        ``function_call`` item per parsed call."""
+        content = (result.content or "") if result.tool_calls else result.text
+        items = [self.item(content)] if content or not result.tool_calls else []
+        return items + [self.call_item(call) for call in result.tool_calls]
 
 
 def _usage(usage: Any) -> dict[str, Any]:
@@ -218,9 +301,17 @@ async def create_response(body: ResponseRequest, request: Request, tenant: Tenan
     if body.previous_response_id is not None and (body.conversation_id is not None or header):
         raise APIError(422, "previous_response_id cannot be combined with conversation or X-Session-ID",
                        param="previous_response_id", code="invalid_value")
+    if body.previous_response_id is None and body.conversation_id is None and not header:
+        try:  # a new chain: a function_call_output must answer a call sent along in input
+            input_messages(body.input, outputs_need_calls=True)
+        except ValueError as exc:
+            raise APIError(422, str(exc), param="input", code="invalid_value") from exc
     response_id = _new_id("resp_")
     options: dict[str, Any] = {"max_new_tokens": body.max_output_tokens, "temperature": body.temperature,
                                "top_p": body.top_p}
+    tools = body.engine_tools()
+    if tools:
+        options["tools"] = tools
     copy_id = None
     if not body.store:
         if body.conversation_id is not None or header:
@@ -244,9 +335,10 @@ async def create_response(body: ResponseRequest, request: Request, tenant: Tenan
     shape = _Shape(state, body, response_id, choice.session_id if choice.source == "conversation" else None)
     if body.stream:
         handle = await turn.open_stream()
-        return SSEResponse(_events(handle, turn, shape, ids), handle, headers=turn.headers())
+        parse = state.engine.tool_call_format if tools else None
+        return SSEResponse(_events(handle, turn, shape, ids, parse, tools), handle, headers=turn.headers())
     result, extension = await turn.run()
-    out = shape.body("completed", [shape.item(result.text)], result, extension)
+    out = shape.body("completed", shape.output(result), result, extension)
     await _record(ids, turn, result, out)
     return JSONResponse(out, headers=turn.headers(extension["session_version"]))
 
@@ -258,37 +350,82 @@ def _event(seq: itertools.count, type_: str, **fields: Any) -> bytes:
     return f"event: {type_}\ndata: {payload}\n\n".encode()
 
 
-async def _events(handle: OpenStream, turn: Turn, shape: _Shape, ids: ResponseStore) -> AsyncIterator[bytes]:
+async def _events(handle: OpenStream, turn: Turn, shape: _Shape, ids: ResponseStore, tool_format: Any = None,
+                  tools: Any = None) -> AsyncIterator[bytes]:
     """The Responses event sequence of one turn. The response is recorded before ``response.completed``, so a
     client may continue from it as soon as it has the id. An error after the first token is one ``error``
-    event (with an ``error`` object too, which OpenAI's client raises)."""
+    event (with an ``error`` object too, which OpenAI's client raises).
+
+    With tools (and a template that has a call format) the text is parsed as it streams: only settled content
+    is sent (never part of a call), the message item opens with its first text (and not at all for a reply
+    that is only calls), and each call follows as a ``function_call`` item with its arguments."""
     seq = itertools.count()
     where = {"item_id": shape.msg_id, "output_index": 0, "content_index": 0}
+    opened = False
+
+    def open_message() -> list[bytes]:
+        return [
+            _event(seq, "response.output_item.added", output_index=0,
+                   item={**shape.item("", "in_progress"), "content": []}),
+            _event(seq, "response.content_part.added", **where,
+                   part={"type": "output_text", "text": "", "annotations": []}),
+        ]
+
     try:
         opening = shape.body("in_progress", [])
         yield _event(seq, "response.created", response=opening)
         yield _event(seq, "response.in_progress", response=opening)
-        yield _event(seq, "response.output_item.added", output_index=0, item={**shape.item("", "in_progress"),
-                                                                                 "content": []})
-        yield _event(seq, "response.content_part.added", **where,
-                     part={"type": "output_text", "text": "", "annotations": []})
-        chunk, texts = handle.first, []
+        if tool_format is None:
+            for event in open_message():
+                yield event
+            opened = True
+        chunk, raw, sent = handle.first, "", ""
         while True:
             if chunk.text:  # the engine may hand over empty chunks while it holds back a possible stop string
-                texts.append(chunk.text)
-                yield _event(seq, "response.output_text.delta", **where, delta=chunk.text, logprobs=[])
+                if tool_format is None:
+                    delta = chunk.text
+                else:
+                    raw += chunk.text
+                    settled = tool_format.settled_content(raw, tools)
+                    delta = settled[len(sent) :] if settled.startswith(sent) else ""
+                if delta:
+                    if not opened:
+                        for event in open_message():
+                            yield event
+                        opened = True
+                    sent += delta
+                    yield _event(seq, "response.output_text.delta", **where, delta=delta, logprobs=[])
             if chunk.result is not None:
                 break
             chunk = await handle.next()
         result = chunk.result
         extension = await turn.finish(result)
-        text = "".join(texts)
-        item = shape.item(text)
-        final = shape.body("completed", [item], result, extension)
+        content = (result.content or "") if result.tool_calls else result.text
+        rest = content[len(sent) :] if content.startswith(sent) else ""
+        if (rest or not result.tool_calls) and not opened:
+            for event in open_message():
+                yield event
+            opened = True
+        if rest:
+            sent += rest
+            yield _event(seq, "response.output_text.delta", **where, delta=rest, logprobs=[])
+        output = shape.output(result)
+        final = shape.body("completed", output, result, extension)
         await _record(ids, turn, result, final)
-        yield _event(seq, "response.output_text.done", **where, text=text, logprobs=[])
-        yield _event(seq, "response.content_part.done", **where, part=item["content"][0])
-        yield _event(seq, "response.output_item.done", output_index=0, item=item)
+        if opened:
+            item = output[0]
+            yield _event(seq, "response.output_text.done", **where, text=sent, logprobs=[])
+            yield _event(seq, "response.content_part.done", **where, part=item["content"][0])
+            yield _event(seq, "response.output_item.done", output_index=0, item=item)
+        for index, call in enumerate(result.tool_calls, start=1 if opened else 0):
+            item = shape.call_item(call)
+            at = {"item_id": item["id"], "output_index": index}
+            yield _event(seq, "response.output_item.added", output_index=index,
+                         item={**item, "arguments": "", "status": "in_progress"})
+            yield _event(seq, "response.function_call_arguments.delta", **at, delta=call.arguments)
+            yield _event(seq, "response.function_call_arguments.done", **at, name=call.name,
+                         arguments=call.arguments)
+            yield _event(seq, "response.output_item.done", output_index=index, item=item)
         yield _event(seq, "response.completed", response=final)
     except Exception as exc:  # noqa: BLE001 - becomes an error event; unexpected ones are logged there
         err = to_api_error(exc, engine_call=True)

@@ -6,14 +6,15 @@ Responses API: the session that response left, or a fork of it — :mod:`.respon
 the session here). With none of them the request runs in a **throwaway** session: on a second engine
 that shares the model (and its forward lock) but keeps sessions in a private in-memory store with no KV cache,
 and that session is deleted when the request ends. Nothing of it ever reaches the real store or its cache dir.
+The twin and the throwaway ids come from :mod:`deltamem_agents.integrations.ephemeral`, shared with the
+framework integrations.
 """
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
-from typing import Any
 
+from ..integrations.ephemeral import make_ephemeral_engine, new_ephemeral_id
 from ..store.base import InvalidIdentifierError, validate_identifier
 from .errors import APIError
 
@@ -59,22 +60,6 @@ def choose_session(header: str | None, session_id: str | None, conversation: str
     return SessionChoice(None)
 
 
-def new_throwaway_id() -> str:
-    return "tmp-" + uuid.uuid4().hex
-
-
-def make_throwaway_engine(engine: Any) -> Any:
-    """A :class:`~deltamem_agents.engine.MemoryEngine` on ``engine``'s model with the same generation and
-    mode options, an in-memory store and no KV cache (a throwaway session has no next turn to reuse it)."""
-    from ..engine import MemoryEngine
-    from ..store.memory import InMemorySessionStore
-
-    online = getattr(engine, "_modes", {}).get("online")
-    return MemoryEngine(
-        (engine.model, engine.tokenizer), store=InMemorySessionStore(), mode=engine.default_mode,
-        window_tokens=engine.window_tokens, kv_tokens=engine.kv_tokens,
-        kv_retain=float(getattr(online, "retain", 0.5)), kv_cache_bytes=0, kv_cache_dir=None,
-        max_message_tokens=engine.max_message_tokens, max_new_tokens=engine.max_new_tokens,
-        sampling=engine.sampling, namespace=engine.namespace, history=engine.history,
-        max_retries=engine.max_retries,
-    )  # fmt: skip
+#: The throwaway mechanism is the integrations' (one implementation for the server and the framework packages).
+new_throwaway_id = new_ephemeral_id
+make_throwaway_engine = make_ephemeral_engine

@@ -41,7 +41,7 @@ class ChunkFormat(Protocol):
 
     def opening(self) -> list[dict[str, Any]]: ...
 
-    def content(self, text: str) -> dict[str, Any]: ...
+    def content(self, text: str) -> list[dict[str, Any]]: ...
 
     def closing(self, text: str, finish_reason: str, result: Any, extension: dict[str, Any]) -> list[dict[str, Any]]: ...
 
@@ -86,7 +86,8 @@ async def sse_events(handle: OpenStream, fmt: ChunkFormat,
                 yield DONE
                 return
             if chunk.text:  # the engine may hand over empty chunks while it holds back a possible stop string
-                yield sse(fmt.content(chunk.text))
+                for event in fmt.content(chunk.text):  # none while a possible tool call is held back
+                    yield sse(event)
             chunk = await handle.next()
     except Exception as exc:  # noqa: BLE001 - becomes an error event; unexpected ones are logged there
         yield sse(to_api_error(exc, engine_call=True).body())

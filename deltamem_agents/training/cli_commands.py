@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+__all__ = ["register"]
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .recipes import get_recipe, list_recipes

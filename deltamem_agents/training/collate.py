@@ -19,6 +19,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+__all__ = [
+    "IGNORE",
+    "ReadBatch",
+    "WriteBatch",
+    "encode_context",
+    "encode_prompt_answer",
+    "pad_read",
+    "pad_write",
+    "render_pieces",
+]
+
 IGNORE = -100
 
 

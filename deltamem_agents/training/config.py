@@ -9,6 +9,8 @@ from typing import Any
 
 from ..adapter.config import DeltaMemConfig
 
+__all__ = ["DEFAULT_SYSTEM_PROMPT", "VARIANTS", "TrainConfig"]
+
 VARIANTS = ("offline", "online")
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant. Answer with the value only."
 

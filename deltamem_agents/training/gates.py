@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from ..adapter.architectures import resolve_architecture
 from ..adapter.model import DeltaMemModel
 
+__all__ = ["WriteGateRecorder", "steering_disabled", "wrapped_q_projs"]
+
 
 def wrapped_q_projs(dm: DeltaMemModel) -> list[tuple[nn.Module, nn.Module]]:
     """``(δ-mem layer, q_proj module)`` for every wrapped attention layer, in layer order."""

@@ -48,6 +48,21 @@ from .data.synthetic import _SMALL_TALK, synthetic_group
 from .examples import MemoryExample
 from .gates import wrapped_q_projs
 
+__all__ = [
+    "RECALL_QUESTION",
+    "RUNGS",
+    "LadderConfig",
+    "LadderRun",
+    "WrittenContexts",
+    "answer_logprobs",
+    "ladder_example",
+    "main",
+    "normalize_message",
+    "plot_runs",
+    "read_logits",
+    "write_contexts",
+]
+
 
 def normalize_message(message: dict[str, str], position: int):
     from ..engine.messages import normalize_message as _normalize

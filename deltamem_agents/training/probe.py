@@ -6,7 +6,8 @@ trainer's own questions on synthetic held-out dialogues:
 * **state-only 4-way choice** by likelihood: the history is written into the state, then only
   ``[system, question]`` is in the prompt (writes off) and the choice with the highest summed log-probability wins;
   against the plain model without history (``none``) and with the history in its prompt (``context``);
-* **state-only generation exact match** (greedy, writes off);
+* **state-only generation exact match** (greedy, writes off), scored with the evaluation suite's own
+  ``exact_match`` / ``contains_match`` (``evaluation/metrics.py``), so "exact match" means one thing everywhere;
 * **general ability**: perplexity of reference answers to short questions with no history, plain vs δ-mem with a
   fresh state (must be identical) vs δ-mem after a long unrelated conversation was written into the state.
 
@@ -18,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
-import string
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,9 +28,25 @@ import torch
 import torch.nn.functional as F
 
 from ..adapter import DeltaMemModel
+from ..evaluation.metrics import contains_match, exact_match, wilson_interval
 from .collate import encode_context, encode_prompt_answer, pad_read, pad_write
 from .config import DEFAULT_SYSTEM_PROMPT
 from .examples import MemoryExample
+
+__all__ = [
+    "GENERAL_QA",
+    "MODES",
+    "choice_accuracy",
+    "general_ability",
+    "generate_answers",
+    "main",
+    "plot_recall_curve",
+    "probe_memory",
+    "recall_curve",
+    "score_rows",
+    "summarize",
+    "write_histories",
+]
 
 MODES = ("state", "none", "context")
 
@@ -68,34 +83,6 @@ GENERAL_QA: tuple[tuple[str, str], ...] = (
     ("How do you greet someone in the morning?", "You can say good morning."),
     ("What instrument has black and white keys?", "The piano has black and white keys."),
 )
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``k/n`` (95 % by default)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
-def normalize_answer(text: str) -> str:
-    text = text.lower().strip()
-    text = "".join(ch for ch in text if ch not in set(string.punctuation) - {"-", ":"})
-    return re.sub(r"\s+", " ", text).strip(" .")
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> bool:
-    """Normalised equality with any accepted answer."""
-    pred = normalize_answer(prediction)
-    return any(pred == normalize_answer(a) for a in answers)
-
-
-def contains_answer(prediction: str, answers: Sequence[str]) -> bool:
-    pred = normalize_answer(prediction)
-    return any(normalize_answer(a) in pred for a in answers)
 
 
 def _groups(examples: Sequence[MemoryExample]) -> list[list[MemoryExample]]:
@@ -271,7 +258,7 @@ def general_ability(dm: DeltaMemModel, tokenizer: Any, system_prompt: str = DEFA
 
 def summarize(flags: Sequence[bool]) -> dict[str, Any]:
     k, n = int(sum(flags)), len(flags)
-    lo, hi = wilson(k, n)
+    lo, hi = wilson_interval(k, n) if n else (0.0, 1.0)
     return {"correct": k, "n": n, "acc": k / n if n else float("nan"), "ci95": [lo, hi]}
 
 
@@ -297,7 +284,7 @@ def probe_memory(dm: DeltaMemModel, tokenizer: Any, *, n: int = 200, n_gen: int 
         sub = examples[:n_gen]
         preds = generate_answers(dm, tokenizer, sub, "state", system_prompt)
         em = [exact_match(p, ex.answers) for p, ex in zip(preds, sub, strict=True)]
-        cont = [contains_answer(p, ex.answers) for p, ex in zip(preds, sub, strict=True)]
+        cont = [contains_match(p, ex.answers) for p, ex in zip(preds, sub, strict=True)]
         report["generation_state"] = {"exact_match": summarize(em), "contains": summarize(cont),
                                       "samples": [{"q": ex.question, "gold": ex.answer, "pred": p}
                                                   for ex, p in list(zip(sub, preds, strict=True))[:8]]}

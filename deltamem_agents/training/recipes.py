@@ -10,6 +10,8 @@ from typing import Any
 
 from .config import TrainConfig
 
+__all__ = ["RECIPES", "get_recipe", "list_recipes"]
+
 # Why these settings for the CPU runs (see docs/training.md and docs/results.md):
 # * reads on in the write pass, as the paper trains;
 # * several questions per written context: one write pass feeds 4 read passes (more signal per scan);

@@ -34,11 +34,26 @@ from torch import Tensor
 
 from ..adapter import DeltaMemModel, attach, load_adapter, save_adapter
 from ..adapter.io import WEIGHTS_NAME
+from ..files import atomic_directory
 from .collate import IGNORE, encode_context, encode_prompt_answer, pad_read, pad_write
 from .config import TrainConfig
 from .data import curriculum_level, load_task, synthetic_group
 from .examples import MemoryExample
 from .gates import WriteGateRecorder, steering_disabled
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "LOG_NAME",
+    "ContextStream",
+    "Group",
+    "LossParts",
+    "Trainer",
+    "answer_cross_entropy",
+    "build_model",
+    "latest_checkpoint",
+    "plot_loss",
+    "train",
+]
 
 CHECKPOINT_PREFIX = "step_"
 LOG_NAME = "train_log.jsonl"
@@ -307,9 +322,12 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step_NNNNNN/`` (atomic per file) and return it."""
+        """Write ``checkpoints/step_NNNNNN/`` as a whole, atomically, and return it.
+
+        The directory is built under a temporary name and renamed into place, so a run killed while saving
+        leaves no half checkpoint for ``latest_checkpoint`` (and a resume) to pick up.
+        """
         d = self.out_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{self.step:06d}"
-        save_adapter(self.dm, d, training=self.training_metadata())
         opt = self.optimizer.state_dict()
         tensors: dict[str, Tensor] = {"rng.torch": torch.get_rng_state()}
         scalars: dict[str, dict[str, Any]] = {}
@@ -319,15 +337,19 @@ class Trainer:
                     tensors[f"state.{idx}.{name}"] = val.detach().cpu().contiguous()
                 else:
                     scalars.setdefault(str(idx), {})[name] = val
-        save_file(tensors, str(d / "optimizer.safetensors"))
         state = {
             "step": self.step, "contexts_seen": self.contexts_seen, "questions_seen": self.questions_seen,
             "elapsed": self.elapsed, "param_groups": opt["param_groups"], "optimizer_scalars": scalars,
             "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
             "python_rng": _jsonable_rng(random.getstate()),
         }
-        (d / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        return d
+
+        def build(tmp: Path) -> None:
+            save_adapter(self.dm, tmp, training=self.training_metadata())
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+        return atomic_directory(d, build)
 
     def load_checkpoint(self, directory: str | Path) -> None:
         """Restore adapter, optimizer, scheduler, RNG and counters from a checkpoint (or a run dir: its latest)."""

@@ -1,4 +1,4 @@
-"""Config validation, architecture table, state API, save/load and import of the authors' format."""
+"""Config validation, architecture table, state API, save/load (the authors' format: test_official_*.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from deltamem_agents import (
     DeltaMemConfig,
     DeltaMemState,
     attach,
-    import_official_adapter,
     load_adapter,
     save_adapter,
 )
@@ -33,6 +32,13 @@ from deltamem_agents.adapter import AdapterMismatchError, UnsupportedArchitectur
         ({"target_layers": (1, 1)}, "duplicates"),
         ({"target_layers": (-1,)}, "target_layers"),
         ({"chunk_size": 0}, "chunk_size"),
+        ({"state_update_mode": "no_lambda"}, "update_rule='delta'"),
+        ({"state_update_mode": "sideways"}, "state_update_mode"),
+        ({"normalize_qk": 1}, "normalize_qk"),
+        ({"ssw_semantics": "theirs", "write_mode": "ssw"}, "ssw_semantics"),
+        ({"ssw_semantics": "official"}, "write_mode 'ssw' only"),
+        ({"write_mode": "ssw", "update_rule": "decoupled"}, "ssw_semantics='official'"),
+        ({"wide_value": True, "branches": ("o",), "state_update_mode": "lambda_outside"}, "standard"),
     ],
 )
 def test_config_is_validated(kwargs, match):
@@ -48,6 +54,19 @@ def test_config_defaults_and_round_trip():
     assert DeltaMemConfig.from_dict(json.loads(cfg.to_json())) == cfg
     with pytest.raises(ValueError, match="unknown"):
         DeltaMemConfig.from_dict({"rank": 8, "bogus": 1})
+
+
+def test_the_authors_options_default_to_the_paper_and_change_the_fingerprint():
+    from deltamem_agents.adapter.io import tensors_fingerprint
+
+    c = DeltaMemConfig()
+    assert (c.state_update_mode, c.normalize_qk, c.ssw_semantics) == ("standard", True, "ours")
+    assert DeltaMemConfig(write_mode="ssw", update_rule="decoupled", ssw_semantics="official").keeps_open_message is False
+    t = {"x": torch.zeros(2)}
+    prints = {tensors_fingerprint(t, cfg) for cfg in (
+        c, DeltaMemConfig(state_update_mode="lambda_outside"), DeltaMemConfig(normalize_qk=False),
+        DeltaMemConfig(write_mode="ssw"), DeltaMemConfig(write_mode="ssw", ssw_semantics="official"))}
+    assert len(prints) == 5
 
 
 def test_unknown_architecture_error_names_what_is_missing():
@@ -122,47 +141,10 @@ def test_load_refuses_another_base_model_and_corrupt_files(tmp_path):
     data = bytearray(weights.read_bytes())
     data[-5] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(AdapterMismatchError, match="fingerprint"):
-        load_adapter(tiny_model("llama"), tmp_path)
-
-
-def test_import_of_the_authors_release_format(tmp_path):
-    """A file written in the authors' format (config JSON + torch state dict) imports to the same model."""
-    g = torch.Generator().manual_seed(0)
     model = tiny_model("llama")
-    d, q_out, r = 64, 64, 8
-    sd = {}
-    for i in range(2):
-        pre = f"model.layers.{i}.self_attn."
-        for name, shape in [
-            ("memory_q_proj.weight", (r, d)), ("memory_k_proj.weight", (r, d)), ("memory_v_proj.weight", (r, d)),
-            ("beta_proj.weight", (r, d)), ("delta_q_proj.weight", (q_out, r)), ("delta_o_proj.weight", (d, r)),
-        ]:
-            sd[pre + name] = torch.randn(shape, generator=g) * 0.3
-        sd[pre + "beta_bias"] = torch.randn(r, generator=g)
-    torch.save(sd, tmp_path / "delta_mem_adapter.pt")
-    (tmp_path / "delta_mem_config.json").write_text(json.dumps({
-        "rank": 8, "alpha": 16.0, "beta_bias_init": -1.5, "num_state_heads": 1,
-        "memory_write_granularity": "token", "delta_heads": ["q", "o"], "target_layers": [],
-    }))
-    dm = import_official_adapter(model, tmp_path)
-    assert dm.config.write_mode == "tsw" and dm.layer_indices == (0, 1)
-    layer = dm.delta_layers["1"]
-    pre = "model.layers.1.self_attn."
-    assert torch.equal(layer.in_proj[8:16], sd[pre + "memory_k_proj.weight"])
-    assert torch.equal(layer.in_proj[24:32], sd[pre + "beta_proj.weight"])
-    assert torch.equal(layer.delta_o, sd[pre + "delta_o_proj.weight"])
-
-    # the same weights set by hand into our own format give the same logits
-    ours = attach(tiny_model("llama"), DeltaMemConfig(init="zero"))
-    ours.load_adapter_state_dict(dm.adapter_state_dict())
-    x = ids(1, 9)
-    with torch.no_grad():
-        dm.reset_state(1)
-        ours.reset_state(1)
-        assert torch.equal(dm(x).logits, ours(x).logits)
-
-    sd["model.layers.0.self_attn.surprise"] = torch.zeros(1)
-    torch.save(sd, tmp_path / "delta_mem_adapter.pt")
-    with pytest.raises(AdapterMismatchError, match="unexpected tensor"):
-        import_official_adapter(tiny_model("llama"), tmp_path)
+    with pytest.raises(AdapterMismatchError, match="fingerprint"):
+        load_adapter(model, tmp_path)
+    # the refused load left the model as it was: no adapter attached, no projection intercepted
+    assert not hasattr(model, "delta_layers") and type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    # save_adapter writes through temporaries: nothing but the two files is left in the directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]

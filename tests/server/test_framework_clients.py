@@ -1,9 +1,10 @@
-"""Agent frameworks' OpenAI clients pointed at the live server: LangChain's ``ChatOpenAI`` and LiteLLM.
+"""Agent frameworks' OpenAI clients pointed at the live server: LangChain's ``ChatOpenAI``, LlamaIndex's
+``OpenAILike`` and LiteLLM.
 
 Each framework resends the whole conversation, as OpenAI's API expects; the server recognises what the session
 already holds, so a conversation of k exchanges is a session of k turns (checked with ``GET /v1/sessions/{id}``).
-LlamaIndex's ``OpenAILike`` is not tested: ``llama-index-llms-openai-like`` needs ``openai<3``, and this project
-tests with ``openai`` 3.x. Each test is skipped when its framework is not installed.
+Each test is skipped when its framework is not installed (``llama-index-llms-openai-like`` needs ``openai<3``:
+the ``dev`` extra installs it, so the main suite runs on ``openai`` 2.x; CI tests ``openai`` 3.x separately).
 """
 
 from __future__ import annotations
@@ -54,6 +55,38 @@ def test_langchain_chat_openai_invoke_and_stream(live):
     history += [AIMessage(streamed), HumanMessage("And again?")]
     third = llm.invoke(history)
     assert third.response_metadata.get("finish_reason") in {"stop", "length"}
+    info = session_record(live, session)
+    assert info["turn"] == 3 and info["version"] == 4 and len(info["turns"]) == 4, info
+
+
+def test_llama_index_openai_like_chat_stream_and_session(live):
+    pytest.importorskip("llama_index.llms.openai_like", reason="pip install llama-index-llms-openai-like")
+    from llama_index.core.llms import ChatMessage, MessageRole
+    from llama_index.llms.openai_like import OpenAILike
+
+    session = _sid("llamaindex")
+    llm = OpenAILike(model=MODEL, api_base=f"{live.url}/v1", api_key="local", is_chat_model=True,
+                     context_window=512, max_tokens=6, temperature=0, max_retries=0, timeout=60,
+                     default_headers={"X-Session-ID": session})
+    history = [ChatMessage(role=MessageRole.USER, content="My name is Ada.")]
+    first = llm.chat(history)
+    assert first.message.role == MessageRole.ASSISTANT and isinstance(first.message.content, str)
+    assert first.raw.usage.completion_tokens > 0
+    info = session_record(live, session)
+    assert info["turn"] == 1 and info["version"] == 2, info
+
+    history += [first.message, ChatMessage(role=MessageRole.USER, content="What is my name?")]
+    chunks = list(llm.stream_chat(history))
+    streamed = "".join(c.delta or "" for c in chunks)
+    assert chunks and streamed.strip() and chunks[-1].message.content == streamed
+    info = session_record(live, session)
+    assert info["turn"] == 2 and info["version"] == 3, info  # the first exchange was recognised, not replayed
+
+    history += [ChatMessage(role=MessageRole.ASSISTANT, content=streamed),
+                ChatMessage(role=MessageRole.USER, content="And again?")]
+    third = llm.chat(history)
+    assert third.raw.choices[0].finish_reason in {"stop", "length"}
+    assert third.raw.deltamem["replayed"] is False and third.raw.deltamem["kv_cache"] == "hot"
     info = session_record(live, session)
     assert info["turn"] == 3 and info["version"] == 4 and len(info["turns"]) == 4, info
 

@@ -146,6 +146,27 @@ def test_checkpoint_resume_is_exact(tmp_path):
     assert full.scheduler.get_last_lr() == resumed.scheduler.get_last_lr()
 
 
+def test_a_checkpoint_killed_while_saving_leaves_the_previous_one(tmp_path, monkeypatch):
+    """A failure between the checkpoint's files (here: writing the optimizer state) leaves no step directory
+    behind, so a resume picks the last complete checkpoint rather than a half-written one."""
+    import deltamem_agents.training.trainer as trainer_module
+
+    tr = _trainer(tmp_path / "run", steps=6, grad_accum=2, save_every=3)
+    tr.train_step()
+    first = tr.save_checkpoint()
+    tr.train_step()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trainer_module, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        tr.save_checkpoint()
+    checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert checkpoints == [first.name]  # no step_000002, no temporary left over
+    assert latest_checkpoint(tmp_path / "run") == first
+
+
 def test_beta_regulariser_value(tmp_path):
     tr = _trainer(tmp_path, beta_reg_weight=0.5, beta_target=0.3)
     with torch.no_grad():

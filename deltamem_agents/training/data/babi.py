@@ -16,6 +16,8 @@ from pathlib import Path
 
 from ..examples import MemoryExample
 
+__all__ = ["LOCATIONS", "SPLITS", "find_babi_file", "load_babi"]
+
 LOCATIONS = ("bathroom", "bedroom", "garden", "hallway", "kitchen", "office")
 SPLITS = ("train", "test", "all")
 

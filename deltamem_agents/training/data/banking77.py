@@ -18,6 +18,8 @@ from pathlib import Path
 
 from ..examples import MemoryExample
 
+__all__ = ["QUERY_TEMPLATE", "SPLITS", "find_banking77_file", "load_banking77"]
+
 SPLITS = ("train", "test", "all")
 QUERY_TEMPLATE = "Query: {text}\nWhich label does this query have? Answer with the number only."
 

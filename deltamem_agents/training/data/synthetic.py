@@ -29,6 +29,21 @@ from dataclasses import dataclass
 
 from ..examples import MemoryExample
 
+__all__ = [
+    "HELDOUT_MODULUS",
+    "LEVELS",
+    "MAX_LEVEL",
+    "SLOTS",
+    "SLOT_NAMES",
+    "SPLITS",
+    "Slot",
+    "curriculum_level",
+    "sample_value",
+    "synthetic_dialogues",
+    "synthetic_group",
+    "value_split",
+]
+
 SPLITS = ("train", "heldout")
 #: One value in ``HELDOUT_MODULUS`` (by hash) is reserved for the held-out split.
 HELDOUT_MODULUS = 5

@@ -11,18 +11,22 @@ Which session a call belongs to, first match wins:
    ``metadata.thread_id``) — from the ``config`` given to ``invoke``/``stream`` or, inside a graph node, from the
    current runnable context;
 3. the model's ``session_id`` field;
-4. none of these: the call runs in a throwaway session that is deleted afterwards (stateless, like any chat
-   model).
+4. none of these: the call runs in a throwaway session on the engine's twin, with a private in-memory store, and
+   is deleted afterwards (stateless, like any chat model; nothing reaches the session store).
 
 Frameworks resend the whole history every call; the engine recognises what it has already written (idempotent
 writes) and writes only what is new — or rolls back and replays when an earlier message was edited.
+
+Engines, throwaway sessions, generation defaults, result metadata and message rules come from the integration
+core shared with the LlamaIndex package (:mod:`deltamem_agents.integrations`); this module adapts them to
+LangChain.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -57,21 +61,29 @@ from langchain_core.utils.function_calling import convert_to_json_schema, conver
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from pydantic.v1 import BaseModel as BaseModelV1
 
+from deltamem_agents.integrations import (
+    EMBEDDED_MODEL_NAME,
+    GenerationDefaults,
+    SessionTarget,
+    engine_message,
+    engine_role,
+    generation_options,
+    get_engine,
+    openai_tool_call,
+    result_metadata,
+    served_model_name,
+    text_from_parts,
+)
 from langchain_deltamem._parsing import extract_json, parse_tool_calls, template_supports_tools
-from langchain_deltamem.engines import get_engine
 
 __all__ = ["EMBEDDED_MODEL_NAME", "ChatDeltaMem"]
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
-"""The name reported (``model_name``, LangSmith ``ls_model_name``) when ``model`` is ``None``."""
-
-_ROLE_ALIASES = {"human": "user", "ai": "assistant", "function": "tool"}
 # Keyword arguments a call may carry that are ours; anything else is ignored (logged at debug level).
 _CALL_KEYS = frozenset({
     "session_id", "namespace", "mode", "history", "temperature", "max_tokens", "max_new_tokens", "top_p", "top_k",
-    "seed", "tools", "tool_choice", "model", "timeout",
+    "repetition_penalty", "seed", "tools", "tool_choice", "model", "timeout",
 })
 
 
@@ -79,9 +91,7 @@ _CALL_KEYS = frozenset({
 class _Call:
     """Everything one call needs, resolved before the engine is asked for anything."""
 
-    engine: Any
-    session_id: str
-    ephemeral: bool
+    target: SessionTarget
     messages: list[dict[str, Any]]
     options: dict[str, Any]
     tools: list[dict[str, Any]] | None
@@ -116,8 +126,13 @@ class ChatDeltaMem(BaseChatModel):
             llm.invoke("Our project names every test file test_<module>.py.")
             llm.invoke("How should I name the tests of parser.py?")
 
-    Engines are shared: every instance with the same ``(model, adapter, store, window_tokens)`` uses one engine,
-    loaded on first use (:func:`langchain_deltamem.get_engine`). Pass ``engine=`` to use your own.
+    Engines are shared: every instance with the same ``(model, adapter, store, window_tokens)`` — and every
+    LlamaIndex ``DeltaMemLLM`` in the process — uses one engine, loaded on first use
+    (:func:`langchain_deltamem.get_engine`). Pass ``engine=`` to use your own.
+
+    Generation options left ``None`` take the engine's defaults (``temperature`` 0.2, ``top_p`` 0.9,
+    ``repetition_penalty`` 1.1, 512 new tokens unless the engine was built otherwise); a value set here or per
+    call wins.
 
     ``cache`` defaults to ``False``: a cache hit would return a stored answer without running the engine, so the
     turn would not be written into the session's memory. Enable a LangChain cache only for stateless use.
@@ -144,17 +159,21 @@ class ChatDeltaMem(BaseChatModel):
     namespace: str | None = None
     """Namespace (tenant) of the sessions; ``None`` is the engine's default."""
     mode: Literal["windowed", "online", "state-only"] | None = None
-    """``windowed``, ``online`` or ``state-only``; ``None`` is the engine's default (``windowed``)."""
+    """``online``, ``windowed`` or ``state-only``; ``None`` is the engine's default (``online``)."""
     history: Literal["auto", "full", "append"] = "auto"
     """How a call's messages relate to what the session has written (see ``docs/engine.md``)."""
 
-    # ---- generation ----------------------------------------------------------------------------------------
-    temperature: float = 0.0
-    """Sampling temperature; 0 is greedy."""
-    max_tokens: int | None = Field(default=256, alias="max_new_tokens")
-    """Most tokens to generate per call (also accepted as ``max_new_tokens``)."""
-    top_p: float = 1.0
+    # ---- generation: ``None`` is the engine's default (one source of truth: ``MemoryEngine``'s) --------------
+    temperature: float | None = None
+    """Sampling temperature; 0 is greedy. ``None``: the engine's (0.2 unless the engine was built otherwise)."""
+    max_tokens: int | None = Field(default=None, alias="max_new_tokens")
+    """Most tokens to generate per call (also accepted as ``max_new_tokens``); ``None``: the engine's (512)."""
+    top_p: float | None = None
+    """Nucleus sampling; ``None``: the engine's (0.9)."""
     top_k: int | None = None
+    """Top-k sampling; ``None``: the engine's (none)."""
+    repetition_penalty: float | None = None
+    """Penalty on tokens already generated in this reply; ``None``: the engine's (1.1); 1.0 turns it off."""
     seed: int | None = None
     """Seed of the sampler (for reproducible sampling with ``temperature > 0``)."""
     stop: list[str] | None = Field(default=None, alias="stop_sequences")
@@ -178,30 +197,55 @@ class ChatDeltaMem(BaseChatModel):
 
     @property
     def model_name(self) -> str:
-        """The model's name as reported in traces and ``response_metadata`` (no model is loaded for it)."""
-        if self.model is not None:
-            return str(self.model)
-        if self.engine is not None:
-            return str(getattr(self.engine, "model_name", EMBEDDED_MODEL_NAME))
-        return EMBEDDED_MODEL_NAME
+        """The model's name as the engine reports it, in traces and ``response_metadata`` (no model is loaded
+        for it: the embedded model's name, a directory's or GGUF file's base name, or a hub id)."""
+        return served_model_name(self.model, self.engine if self.engine is not None else self._engine)
+
+    def generation_defaults(self) -> GenerationDefaults:
+        """What the engine uses for an option left ``None`` (without loading it: a ``MemoryEngine``'s defaults
+        until the engine exists)."""
+        return GenerationDefaults.of(self.engine if self.engine is not None else self._engine)
+
+    def _effective_generation(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The generation values a call with these keywords runs with: the call's, else the field's, else the
+        engine's."""
+        explicit = self._explicit_generation(kwargs)
+        explicit.pop("seed", None)
+        explicit.pop("stop", None)
+        return self.generation_defaults().effective(**explicit)
+
+    def _explicit_generation(self, kwargs: dict[str, Any], stop: list[str] | None = None) -> dict[str, Any]:
+        """The generation options set by the call (keywords, ``stop``) or the fields; ``None`` = not set."""
+        max_new = kwargs.get("max_tokens", kwargs.get("max_new_tokens"))
+        stops = stop if stop is not None else kwargs.get("stop")
+        return {
+            "max_new_tokens": max_new if max_new is not None else self.max_tokens,
+            "temperature": kwargs.get("temperature", self.temperature),
+            "top_p": kwargs.get("top_p", self.top_p),
+            "top_k": kwargs.get("top_k", self.top_k),
+            "repetition_penalty": kwargs.get("repetition_penalty", self.repetition_penalty),
+            "seed": kwargs.get("seed", self.seed),
+            "stop": list(stops) if stops is not None else (list(self.stop) if self.stop else None),
+        }
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
+        gen = self._effective_generation({})
         return {
             "model": self.model_name, "adapter": self.adapter, "mode": self.mode, "window_tokens": self.window_tokens,
-            "temperature": self.temperature, "max_tokens": self.max_tokens, "top_p": self.top_p, "top_k": self.top_k,
+            "temperature": gen["temperature"], "max_tokens": gen["max_new_tokens"], "top_p": gen["top_p"],
+            "top_k": gen["top_k"], "repetition_penalty": gen["repetition_penalty"],
         }
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        gen = self._effective_generation(kwargs)
         params = LangSmithParams(
             ls_provider="deltamem",
             ls_model_name=str(kwargs.get("model") or self.model_name),
             ls_model_type="chat",
-            ls_temperature=kwargs.get("temperature", self.temperature),
+            ls_temperature=gen["temperature"],
         )
-        max_tokens = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_tokens))
-        if max_tokens is not None:
-            params["ls_max_tokens"] = max_tokens
+        params["ls_max_tokens"] = gen["max_new_tokens"]
         stops = stop or kwargs.get("stop") or self.stop
         if stops:
             params["ls_stop"] = list(stops)
@@ -261,7 +305,7 @@ class ChatDeltaMem(BaseChatModel):
         if unknown:
             logger.debug("ChatDeltaMem ignores call arguments %s", unknown)
         requested = kwargs.get("model")
-        if requested is not None and str(requested) != self.model_name:
+        if requested is not None and str(requested) not in {self.model_name, str(self.model)}:
             raise ValueError(
                 f"ChatDeltaMem runs {self.model_name!r}; a call cannot switch to model {requested!r} "
                 "(create another ChatDeltaMem with model=... instead)"
@@ -272,27 +316,18 @@ class ChatDeltaMem(BaseChatModel):
             tools = None
         if tools:
             self._check_tools_supported(engine)
-        session_id = self.resolve_session(run_manager, **kwargs)
-        ephemeral = session_id is None
-        if ephemeral:
-            session_id = f"ephemeral-{uuid.uuid4().hex}"
-        max_new = kwargs.get("max_tokens", kwargs.get("max_new_tokens", self.max_tokens))
+        msgs = [to_engine_message(m) for m in messages]  # refused before a throwaway session is set up
+        target = SessionTarget.resolve(engine, self.resolve_session(run_manager, **kwargs),
+                                       kwargs.get("namespace", self.namespace))
         options: dict[str, Any] = {
-            "namespace": kwargs.get("namespace", self.namespace),
+            **target.call_options(kwargs.get("history", self.history)),
             "mode": kwargs.get("mode", self.mode),
-            "history": "full" if ephemeral else kwargs.get("history", self.history),
-            "max_new_tokens": 256 if max_new is None else int(max_new),
-            "temperature": float(kwargs.get("temperature", self.temperature)),
-            "top_p": float(kwargs.get("top_p", self.top_p)),
-            "top_k": kwargs.get("top_k", self.top_k),
-            "seed": kwargs.get("seed", self.seed),
-            "stop": list(stop if stop is not None else (self.stop or [])),
+            **generation_options(**self._explicit_generation(kwargs, stop)),
         }
         if tools:
             options["tools"] = list(tools)
         return _Call(
-            engine=engine, session_id=session_id, ephemeral=ephemeral,
-            messages=[to_engine_message(m) for m in messages], options=options, tools=list(tools) if tools else None,
+            target=target, messages=msgs, options=options, tools=list(tools) if tools else None,
             model_name=self.model_name, timeout=kwargs.get("timeout", self.timeout),
         )
 
@@ -300,36 +335,26 @@ class ChatDeltaMem(BaseChatModel):
         if call.timeout is not None and time.monotonic() - call.started > call.timeout:
             raise TimeoutError(f"ChatDeltaMem call took longer than timeout={call.timeout}s; nothing was written")
 
-    def _finish(self, call: _Call) -> None:
-        if call.ephemeral:
-            try:
-                call.engine.delete(call.session_id, namespace=call.options["namespace"])
-            except Exception:  # the session may not exist (a call that failed before creating it)
-                logger.debug("could not delete throwaway session %s", call.session_id, exc_info=True)
-
     def _text_chunk(self, text: str) -> ChatGenerationChunk:
         return ChatGenerationChunk(message=AIMessageChunk(content=text))
 
-    def _last_chunk(self, call: _Call, text: str, result: Any) -> ChatGenerationChunk:
+    def _last_chunk(self, call: _Call, text: str, result: Any, version: int | None) -> ChatGenerationChunk:
         """The final chunk: the rest of the text, tool calls (when tools were bound), usage and metadata."""
-        usage = result.usage
+        meta = result_metadata(result, model_name=call.model_name, ephemeral=call.target.ephemeral,
+                               version=version)
+        usage = meta["usage"]
         response_metadata = {
-            "model_name": call.model_name,
+            **meta,
             "model_provider": "deltamem",
-            "finish_reason": result.finish_reason,
-            "session_id": None if call.ephemeral else result.session_id,
-            "namespace": result.namespace,
-            "turn": None if call.ephemeral else result.turn,
-            "replayed": result.replayed,
-            "rolled_back_to": result.rolled_back_to,
-            "mode": result.mode,
-            "written_tokens": usage.written_tokens,
-            "full_context_tokens": usage.full_context_tokens,
+            # documented flat keys of the first release, kept beside ``usage``
+            "written_tokens": usage["written_tokens"],
+            "full_context_tokens": usage["full_context_tokens"],
         }
         usage_metadata = {
-            "input_tokens": usage.prompt_tokens,
-            "output_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+            "input_tokens": usage["prompt_tokens"],
+            "output_tokens": usage["completion_tokens"],
+            "total_tokens": usage["total_tokens"],
+            "input_token_details": {"cache_read": usage["cached_tokens"]},
         }
         tool_call_chunks: list[dict[str, Any]] = []
         invalid: list[dict[str, Any]] = []
@@ -351,7 +376,8 @@ class ChatDeltaMem(BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> Iterator[ChatGenerationChunk]:
         call = self._prepare(messages, stop, run_manager, kwargs)
-        iterator = call.engine.stream(call.session_id, call.messages, **call.options)
+        target = call.target
+        iterator = target.engine.stream(target.session_id, call.messages, **call.options)
         buffered: list[str] = []  # with tools bound the reply is parsed whole, so it is held back
         try:
             for chunk in iterator:
@@ -367,19 +393,21 @@ class ChatDeltaMem(BaseChatModel):
                         run_manager.on_llm_new_token(chunk.text, chunk=gen)
                     yield gen
                 else:
-                    last = self._last_chunk(call, "".join(buffered) + chunk.text, chunk.result)
+                    version = target.version(chunk.result)
+                    last = self._last_chunk(call, "".join(buffered) + chunk.text, chunk.result, version)
                     if run_manager is not None and isinstance(last.message.content, str) and last.message.content:
                         run_manager.on_llm_new_token(last.message.content, chunk=last)
                     yield last
         finally:
             iterator.close()  # an abandoned stream commits nothing (engine contract)
-            self._finish(call)
+            target.discard()
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
         call = self._prepare(messages, stop, run_manager, kwargs)
-        iterator = call.engine.astream(call.session_id, call.messages, **call.options)
+        target = call.target
+        iterator = target.engine.astream(target.session_id, call.messages, **call.options)
         buffered: list[str] = []
         try:
             async for chunk in iterator:
@@ -395,13 +423,14 @@ class ChatDeltaMem(BaseChatModel):
                         await run_manager.on_llm_new_token(chunk.text, chunk=gen)
                     yield gen
                 else:
-                    last = self._last_chunk(call, "".join(buffered) + chunk.text, chunk.result)
+                    version = await asyncio.to_thread(target.version, chunk.result)  # a store read
+                    last = self._last_chunk(call, "".join(buffered) + chunk.text, chunk.result, version)
                     if run_manager is not None and isinstance(last.message.content, str) and last.message.content:
                         await run_manager.on_llm_new_token(last.message.content, chunk=last)
                     yield last
         finally:
             await iterator.aclose()
-            self._finish(call)
+            target.discard()
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> ChatResult:
@@ -524,26 +553,25 @@ def _with_instruction(model: ChatDeltaMem, value: LanguageModelInput, instructio
     return [*messages, SystemMessage(content=instruction)]
 
 
-def _text_of(content: str | list[Any], role: str) -> str:
+def _content_parts(content: str | list[Any]) -> list[tuple[str, str | None]]:
+    """LangChain content as ``(kind, text)`` parts (``text=None``: not text)."""
     if isinstance(content, str):
-        return content
-    parts: list[str] = []
+        return [("text", content)]
+    parts: list[tuple[str, str | None]] = []
     for part in content:
         if isinstance(part, str):
-            parts.append(part)
+            parts.append(("text", part))
         elif isinstance(part, dict) and part.get("type") == "text":
-            parts.append(str(part.get("text", "")))
-        elif role == "assistant":  # tool-call / reasoning blocks: tool calls travel in ``tool_calls``
-            continue
+            parts.append(("text", str(part.get("text", ""))))
         else:
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise ValueError(f"ChatDeltaMem accepts text only; got a content block of type {kind!r}")
-    return "".join(parts)
+            parts.append((str(part.get("type") if isinstance(part, dict) else type(part).__name__), None))
+    return parts
 
 
 def to_engine_message(message: BaseMessage) -> dict[str, Any]:
     """A LangChain message as the engine's message dict (``role``, ``content`` and, where present, ``name``,
-    ``tool_calls`` in the OpenAI shape, ``tool_call_id``)."""
+    ``tool_calls`` in the OpenAI shape, ``tool_call_id``). Text only: an image, audio or file block raises
+    :class:`~deltamem_agents.engine.InvalidMessageError` (a ``ValueError``)."""
     if isinstance(message, HumanMessage):
         role = "user"
     elif isinstance(message, AIMessage):
@@ -553,17 +581,14 @@ def to_engine_message(message: BaseMessage) -> dict[str, Any]:
     elif isinstance(message, ToolMessage | FunctionMessage):
         role = "tool"
     elif isinstance(message, ChatMessage):
-        role = _ROLE_ALIASES.get(message.role, message.role)
+        role = engine_role(message.role)
     else:
         raise ValueError(f"unsupported message type {type(message).__name__}")
-    out: dict[str, Any] = {"role": role, "content": _text_of(message.content, role)}
-    if message.name:
-        out["name"] = message.name
-    if isinstance(message, AIMessage) and message.tool_calls:
-        out["tool_calls"] = [
-            {"id": tc.get("id"), "type": "function", "function": {"name": tc["name"], "arguments": tc["args"]}}
-            for tc in message.tool_calls
-        ]
-    if isinstance(message, ToolMessage):
-        out["tool_call_id"] = message.tool_call_id
-    return out
+    return engine_message(
+        role,
+        text_from_parts(_content_parts(message.content), role=role, owner="ChatDeltaMem"),
+        name=message.name,
+        tool_calls=[openai_tool_call(tc.get("id"), tc["name"], tc["args"]) for tc in message.tool_calls]
+        if isinstance(message, AIMessage) else None,
+        tool_call_id=message.tool_call_id if isinstance(message, ToolMessage) else None,
+    )

@@ -7,22 +7,25 @@ Which session a call belongs to, first match wins:
 3. the context variable set by ``with session_scope("s"):`` (it follows asyncio tasks created inside the block,
    so ``with session_scope("s"): handler = agent.run(...)`` routes every LLM call of that run);
 4. the ``session_id`` field;
-5. none of these: a throwaway session, deleted after the call (stateless).
+5. none of these: a throwaway session on the engine's twin, with a private in-memory store, deleted after the
+   call (stateless; nothing reaches the session store).
 
 LlamaIndex chat engines and agents resend the whole history on every call; the engine writes only what it has
 not written yet (idempotent writes) and rolls back and replays when an earlier message changed.
+
+Engines, throwaway sessions, generation defaults, result metadata and message rules come from the integration
+core shared with the LangChain package (:mod:`deltamem_agents.integrations`); this module adapts them to
+LlamaIndex.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import logging
-import os
-import threading
-import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core.base.llms.types import (
     ChatMessage,
@@ -40,19 +43,28 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
 from llama_index.core.llms.llm import LLM
 
-from deltamem_agents import MemoryEngine
+from deltamem_agents.integrations import (
+    EMBEDDED_MODEL_NAME,
+    GenerationDefaults,
+    SessionTarget,
+    clear_engines,
+    engine_message,
+    engine_role,
+    generation_options,
+    get_engine,
+    result_metadata,
+    served_model_name,
+    text_from_parts,
+)
+
+if TYPE_CHECKING:
+    from deltamem_agents import MemoryEngine
 
 __all__ = ["EMBEDDED_MODEL_NAME", "DeltaMemLLM", "clear_engines", "current_session", "get_engine", "session_scope"]
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
-
 _SESSION: contextvars.ContextVar[str | None] = contextvars.ContextVar("deltamem_session", default=None)
-_ROLES = {
-    "system": "system", "developer": "system", "user": "user", "assistant": "assistant", "model": "assistant",
-    "chatbot": "assistant", "tool": "tool", "function": "tool",
-}
 
 
 # ---------------------------------------------------------------------------------------------- sessions
@@ -71,54 +83,17 @@ def current_session() -> str | None:
     return _SESSION.get()
 
 
-# ---------------------------------------------------------------------------------------------- engines
-_ENGINES: dict[tuple[Any, ...], MemoryEngine] = {}
-_LOCK = threading.Lock()
-
-
-def get_engine(model: str | None = None, *, adapter: str | None = None, store: Any = None,
-               window_tokens: int = 1024) -> MemoryEngine:
-    """The process-wide engine for ``(model, adapter, store, window_tokens)``, created on first use."""
-    store_key = store if store is None or isinstance(store, str | os.PathLike) else ("object", id(store))
-    key = (model, adapter, store_key, window_tokens)
-    with _LOCK:
-        engine = _ENGINES.get(key)
-        if engine is None:
-            engine = MemoryEngine(model, adapter=adapter, store=store, window_tokens=window_tokens)
-            _ENGINES[key] = engine
-        return engine
-
-
-def clear_engines(*, close: bool = True) -> None:
-    """Forget every shared engine (closing the stores they opened unless ``close=False``)."""
-    with _LOCK:
-        engines = list(_ENGINES.values())
-        _ENGINES.clear()
-    if close:
-        for engine in engines:
-            engine.close()
-
-
 # ---------------------------------------------------------------------------------------------- messages
 def to_engine_message(message: ChatMessage) -> dict[str, Any]:
-    """A LlamaIndex ``ChatMessage`` as the engine's message dict (text only; ``name``, ``tool_calls`` and
-    ``tool_call_id`` from ``additional_kwargs`` are kept)."""
+    """A LlamaIndex ``ChatMessage`` as the engine's message dict (text only: an image, audio or document block
+    raises :class:`~deltamem_agents.engine.InvalidMessageError`, a ``ValueError``; ``name``, ``tool_calls``
+    and ``tool_call_id`` from ``additional_kwargs`` are kept)."""
     role_value = message.role.value if isinstance(message.role, MessageRole) else str(message.role)
-    role = _ROLES.get(role_value)
-    if role is None:
-        raise ValueError(f"unsupported message role {role_value!r}")
-    parts: list[str] = []
-    for block in message.blocks:
-        if isinstance(block, TextBlock):
-            parts.append(block.text)
-        elif role != "assistant":  # assistant messages may carry thinking / tool-call blocks: not text
-            raise ValueError(f"DeltaMemLLM accepts text only; got a {type(block).__name__} in a {role} message")
-    out: dict[str, Any] = {"role": role, "content": "".join(parts)}
+    role = engine_role(role_value)
+    parts = [("text", b.text) if isinstance(b, TextBlock) else (type(b).__name__, None) for b in message.blocks]
     extra = message.additional_kwargs or {}
-    for key in ("name", "tool_calls", "tool_call_id"):
-        if extra.get(key):
-            out[key] = extra[key]
-    return out
+    return engine_message(role, text_from_parts(parts, role=role, owner="DeltaMemLLM"), name=extra.get("name"),
+                          tool_calls=extra.get("tool_calls"), tool_call_id=extra.get("tool_call_id"))
 
 
 # ---------------------------------------------------------------------------------------------- the LLM
@@ -129,8 +104,12 @@ class DeltaMemLLM(LLM):
     answering, and the call's new messages and the reply are written into it. ``complete(prompt)`` is a chat turn
     with one user message (the chat template is always applied; ``formatted`` is ignored).
 
-    Engines are shared: instances naming the same ``(model, adapter, store, window_tokens)`` use one engine,
-    loaded on first use. Pass ``engine=`` to use your own.
+    Engines are shared: instances naming the same ``(model, adapter, store, window_tokens)`` — and LangChain's
+    ``ChatDeltaMem`` in the same process — use one engine, loaded on first use. Pass ``engine=`` to use your own.
+
+    Generation options left ``None`` take the engine's defaults (``temperature`` 0.2, ``top_p`` 0.9,
+    ``repetition_penalty`` 1.1, 512 new tokens unless the engine was built otherwise); a value set here or per
+    call wins.
     """
 
     model: str | None = Field(default=None, description="Base model: None (embedded SmolLM2-135M-Instruct), "
@@ -143,10 +122,15 @@ class DeltaMemLLM(LLM):
     namespace: str | None = Field(default=None, description="Namespace (tenant) of the sessions.")
     mode: Literal["windowed", "online", "state-only"] | None = Field(default=None, description="Engine mode.")
     history: Literal["auto", "full", "append"] = Field(default="auto", description="History reconciliation.")
-    temperature: float = Field(default=0.0, ge=0.0, description="Sampling temperature; 0 is greedy.")
-    max_new_tokens: int = Field(default=256, ge=0, description="Most tokens generated per call.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0,
+                                      description="Sampling temperature; 0 is greedy. None: the engine's (0.2).")
+    max_new_tokens: int | None = Field(default=None, ge=0,
+                                       description="Most tokens generated per call. None: the engine's (512).")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus sampling. None: the engine's.")
+    top_k: int | None = Field(default=None, ge=1, description="Top-k sampling. None: the engine's (none).")
+    repetition_penalty: float | None = Field(default=None, gt=0.0,
+                                             description="Penalty on tokens already generated in the reply; "
+                                             "None: the engine's (1.1); 1.0 turns it off.")
     seed: int | None = Field(default=None)
     stop: list[str] | None = Field(default=None, description="Stop strings (cut from the reply).")
 
@@ -169,19 +153,23 @@ class DeltaMemLLM(LLM):
 
     @property
     def model_name(self) -> str:
-        if self.model is not None:
-            return str(self.model)
-        if self.engine is not None:
-            return str(getattr(self.engine, "model_name", EMBEDDED_MODEL_NAME))
-        return EMBEDDED_MODEL_NAME
+        """The model's name as the engine reports it (nothing is loaded for it)."""
+        return served_model_name(self.model, self.engine if self.engine is not None else self._engine)
+
+    def generation_defaults(self) -> GenerationDefaults:
+        """What the engine uses for an option left ``None`` (a ``MemoryEngine``'s defaults until it exists)."""
+        return GenerationDefaults.of(self.engine if self.engine is not None else self._engine)
 
     @property
     def metadata(self) -> LLMMetadata:
         """Context window from the engine (loads it); a chat model; no function calling (the embedded model's
         template does not render tools, and this class does not implement LlamaIndex's tool-call protocol)."""
+        engine = self.get_engine()
+        num_output = self.max_new_tokens if self.max_new_tokens is not None else GenerationDefaults.of(
+            engine).max_new_tokens
         return LLMMetadata(
-            context_window=self.get_engine().context_window,
-            num_output=self.max_new_tokens,
+            context_window=engine.context_window,
+            num_output=num_output,
             is_chat_model=True,
             is_function_calling_model=False,
             model_name=self.model_name,
@@ -201,97 +189,83 @@ class DeltaMemLLM(LLM):
         return session_id or self._bound_session or _SESSION.get() or self.session_id
 
     # ------------------------------------------------------------------------------------------ a call
-    def _call_args(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> tuple[Any, str, bool,
-                                                                                        list[dict], dict[str, Any]]:
+    def _call_args(self, messages: Sequence[ChatMessage],
+                   kwargs: dict[str, Any]) -> tuple[SessionTarget, list[dict[str, Any]], dict[str, Any]]:
         engine = self.get_engine()
-        session = self.resolve_session(kwargs.pop("session_id", None))
-        ephemeral = session is None
-        if ephemeral:
-            session = f"ephemeral-{uuid.uuid4().hex}"
+        msgs = [to_engine_message(m) for m in messages]  # refused before a throwaway session is set up
+        target = SessionTarget.resolve(engine, self.resolve_session(kwargs.pop("session_id", None)),
+                                       kwargs.pop("namespace", self.namespace))
         stop = kwargs.pop("stop", None)
+        max_new = kwargs.pop("max_new_tokens", None)
+        max_new = kwargs.pop("max_tokens", None) if max_new is None else max_new
         options = {
-            "namespace": kwargs.pop("namespace", self.namespace),
+            **target.call_options(kwargs.pop("history", self.history)),
             "mode": kwargs.pop("mode", self.mode),
-            "history": "full" if ephemeral else kwargs.pop("history", self.history),
-            "max_new_tokens": int(kwargs.pop("max_new_tokens", kwargs.pop("max_tokens", self.max_new_tokens))),
-            "temperature": float(kwargs.pop("temperature", self.temperature)),
-            "top_p": float(kwargs.pop("top_p", self.top_p)),
-            "top_k": kwargs.pop("top_k", self.top_k),
-            "seed": kwargs.pop("seed", self.seed),
-            "stop": list(stop if stop is not None else (self.stop or [])),
+            **generation_options(
+                max_new_tokens=max_new if max_new is not None else self.max_new_tokens,
+                temperature=kwargs.pop("temperature", self.temperature),
+                top_p=kwargs.pop("top_p", self.top_p),
+                top_k=kwargs.pop("top_k", self.top_k),
+                repetition_penalty=kwargs.pop("repetition_penalty", self.repetition_penalty),
+                seed=kwargs.pop("seed", self.seed),
+                stop=list(stop) if stop is not None else (list(self.stop) if self.stop else None),
+            ),
         }
-        kwargs.pop("history", None)
+        kwargs.pop("max_tokens", None)
         if kwargs:
             logger.debug("DeltaMemLLM ignores call arguments %s", sorted(kwargs))
-        return engine, session, ephemeral, [to_engine_message(m) for m in messages], options
+        return target, msgs, options
 
-    @staticmethod
-    def _cleanup(engine: Any, session: str, ephemeral: bool, namespace: str | None) -> None:
-        if ephemeral:
-            with contextlib.suppress(Exception):
-                engine.delete(session, namespace=namespace)
-
-    def _raw(self, result: Any, ephemeral: bool) -> dict[str, Any]:
-        usage = result.usage
-        return {
-            "model_name": self.model_name,
-            "finish_reason": result.finish_reason,
-            "session_id": None if ephemeral else result.session_id,
-            "namespace": result.namespace,
-            "turn": None if ephemeral else result.turn,
-            "replayed": result.replayed,
-            "mode": result.mode,
-            "usage": {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-                "written_tokens": usage.written_tokens,
-                "full_context_tokens": usage.full_context_tokens,
-            },
-        }
+    def _raw(self, target: SessionTarget, result: Any, version: int | None) -> dict[str, Any]:
+        return result_metadata(result, model_name=self.model_name, ephemeral=target.ephemeral, version=version)
 
     def _stream_chat_iter(self, messages: Sequence[ChatMessage], kwargs: dict[str, Any]) -> Iterator[ChatResponse]:
         """Resolve the session and validate the messages now (eagerly: a stream consumed after leaving a
         ``session_scope`` still goes to the scope's session), then return the stream."""
-        engine, session, ephemeral, msgs, options = self._call_args(messages, dict(kwargs))
-        iterator = engine.stream(session, msgs, **options)
-        return self._responses(iterator, engine, session, ephemeral, options)
+        target, msgs, options = self._call_args(messages, dict(kwargs))
+        try:
+            iterator = target.engine.stream(target.session_id, msgs, **options)
+        except BaseException:
+            target.discard()
+            raise
+        return self._responses(iterator, target)
 
-    def _responses(self, iterator: Iterator[Any], engine: Any, session: str, ephemeral: bool,
-                   options: dict[str, Any]) -> Iterator[ChatResponse]:
+    def _responses(self, iterator: Iterator[Any], target: SessionTarget) -> Iterator[ChatResponse]:
         text = ""
         try:
             for chunk in iterator:
                 text += chunk.text
-                raw = self._raw(chunk.result, ephemeral) if chunk.result is not None else None
                 if chunk.result is None and not chunk.text:
                     continue
+                raw = self._raw(target, chunk.result, target.version(chunk.result)) if chunk.result else None
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=chunk.text,
                                    raw=raw, additional_kwargs=dict(raw["usage"]) if raw else {})
         finally:
             iterator.close()
-            self._cleanup(engine, session, ephemeral, options["namespace"])
+            target.discard()
 
     def _astream_chat_iter(self, messages: Sequence[ChatMessage],
                            kwargs: dict[str, Any]) -> AsyncIterator[ChatResponse]:
         """As :meth:`_stream_chat_iter` (eager session resolution), over the engine's async stream."""
-        engine, session, ephemeral, msgs, options = self._call_args(messages, dict(kwargs))
-        return self._aresponses(engine.astream(session, msgs, **options), engine, session, ephemeral, options)
+        target, msgs, options = self._call_args(messages, dict(kwargs))
+        return self._aresponses(target.engine.astream(target.session_id, msgs, **options), target)
 
-    async def _aresponses(self, iterator: AsyncIterator[Any], engine: Any, session: str, ephemeral: bool,
-                          options: dict[str, Any]) -> AsyncIterator[ChatResponse]:
+    async def _aresponses(self, iterator: AsyncIterator[Any], target: SessionTarget) -> AsyncIterator[ChatResponse]:
         text = ""
         try:
             async for chunk in iterator:
                 text += chunk.text
-                raw = self._raw(chunk.result, ephemeral) if chunk.result is not None else None
                 if chunk.result is None and not chunk.text:
                     continue
+                raw = None
+                if chunk.result is not None:
+                    version = await asyncio.to_thread(target.version, chunk.result)  # a store read
+                    raw = self._raw(target, chunk.result, version)
                 yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=chunk.text,
                                    raw=raw, additional_kwargs=dict(raw["usage"]) if raw else {})
         finally:
             await iterator.aclose()
-            self._cleanup(engine, session, ephemeral, options["namespace"])
+            target.discard()
 
     # ------------------------------------------------------------------------------------------ chat
     @llm_chat_callback()

@@ -11,9 +11,12 @@ import pytest
 
 pytest.importorskip("llama_index.core")
 
-from integration_fakes import FakeEngine  # noqa: E402
 from llama_index.core.base.llms.types import ChatMessage, MessageRole  # noqa: E402
 from llama_index.llms.deltamem import DeltaMemLLM, current_session, session_scope  # noqa: E402
+
+from deltamem_agents.engine.engine import DEFAULT_MAX_NEW_TOKENS  # noqa: E402
+from deltamem_agents.integrations import EPHEMERAL_PREFIX  # noqa: E402
+from deltamem_agents.integrations.testing import FakeEngine  # noqa: E402
 
 pytestmark = pytest.mark.embedded
 
@@ -33,7 +36,10 @@ def test_metadata_is_honest(llm, deltamem_engine):
     assert meta.is_chat_model is True
     assert meta.is_function_calling_model is False
     assert meta.num_output == 2
-    assert meta.model_name
+    assert meta.model_name == deltamem_engine.model_name
+    # num_output of an LLM that leaves max_new_tokens to the engine: the engine's default
+    assert DeltaMemLLM(engine=deltamem_engine).metadata.num_output == deltamem_engine.max_new_tokens
+    assert DeltaMemLLM(engine=FakeEngine()).metadata.num_output == DEFAULT_MAX_NEW_TOKENS
 
 
 def test_chat_complete_and_streams(llm, deltamem_engine):
@@ -42,6 +48,9 @@ def test_chat_complete_and_streams(llm, deltamem_engine):
     response = view.chat(msgs)
     assert response.message.role == MessageRole.ASSISTANT
     assert response.raw["session_id"] == "li-sync"
+    assert response.raw["version"] == deltamem_engine.get_session("li-sync").version
+    assert response.raw["mode"] == "online" and response.raw["kv_cache"] in ("new", "rebuilt")
+    assert response.additional_kwargs == response.raw["usage"]
     assert response.raw["usage"]["completion_tokens"] <= 2
     assert response.raw["usage"]["prompt_tokens"] > 0
     streamed = list(view.stream_chat([*msgs, response.message, ChatMessage(role="user", content="Again.")]))
@@ -82,14 +91,27 @@ def test_session_routing_order():
     assert current_session() is None
     assert list(stream)[-1].raw["session_id"] == "li-scope"
     assert DeltaMemLLM(engine=engine, session_id="li-field").chat(msg).raw["session_id"] == "li-field"
-    before = set(engine.sessions)
-    response = llm.chat(msg)  # no session anywhere: a throwaway session, deleted after the call
-    assert response.raw["session_id"] is None
-    assert engine.calls[-1]["session_id"].startswith("ephemeral-")
-    assert set(engine.sessions) == before
+    before, calls = set(engine.sessions), len(engine.calls)
+    response = llm.chat(msg)  # no session anywhere: a throwaway on the engine's twin, deleted after the call
+    assert response.raw["session_id"] is None and response.raw["version"] is None
+    assert len(engine.calls) == calls and set(engine.sessions) == before  # the engine itself was not called
+    assert engine.ephemeral.calls[-1]["session_id"].startswith(EPHEMERAL_PREFIX)
+    assert engine.ephemeral.calls[-1]["history"] == "full" and engine.ephemeral.sessions == {}
     llm.complete("x", session_id="opts", temperature=0.5, top_k=2, stop=["\n"], max_tokens=3)
     call = engine.calls[-1]
     assert (call["temperature"], call["top_k"], call["stop"], call["max_new_tokens"]) == (0.5, 2, ["\n"], 3)
+    assert "top_p" not in call and "repetition_penalty" not in call  # unset: the engine's defaults
+    DeltaMemLLM(engine=engine).chat(msg, session_id="defaults")
+    assert not {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"} & set(engine.calls[-1])
+
+
+def test_a_call_without_session_leaves_nothing_in_the_store(llm, deltamem_engine):
+    before = {s.session_id for s in deltamem_engine.list_sessions(limit=10_000)}
+    response = llm.chat([ChatMessage(role="user", content="Hello there.")])
+    pieces = list(llm.stream_complete("And again."))
+    assert response.raw["session_id"] is None and response.raw["turn"] is None
+    assert pieces[-1].raw["session_id"] is None and response.raw["usage"]["completion_tokens"] > 0
+    assert {s.session_id for s in deltamem_engine.list_sessions(limit=10_000)} == before
 
 
 async def test_session_scope_reaches_tasks_started_inside():

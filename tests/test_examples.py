@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = [pytest.mark.embedded, pytest.mark.slow]
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 @pytest.fixture(scope="module")

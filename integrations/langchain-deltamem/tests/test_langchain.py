@@ -7,13 +7,16 @@ import pytest
 
 pytest.importorskip("langchain_core")
 
-from integration_fakes import FakeEngine  # noqa: E402
 from langchain_core.callbacks import BaseCallbackHandler  # noqa: E402
 from langchain_core.exceptions import OutputParserException  # noqa: E402
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage  # noqa: E402
 from langchain_deltamem import ChatDeltaMem, DeltaMemThreads, thread_id_from_config  # noqa: E402
 from langchain_deltamem._parsing import extract_json, parse_tool_calls, template_supports_tools  # noqa: E402
 from langchain_deltamem.engines import engine_key  # noqa: E402
+
+from deltamem_agents.engine.engine import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING  # noqa: E402
+from deltamem_agents.integrations import EPHEMERAL_PREFIX  # noqa: E402
+from deltamem_agents.integrations.testing import FakeEngine  # noqa: E402
 
 pytestmark = pytest.mark.embedded
 
@@ -53,8 +56,13 @@ def test_defaults_and_params():
     assert model.cache is False  # a cache hit would skip the memory write
     assert model._get_ls_params() == {
         "ls_provider": "deltamem", "ls_model_name": "SmolLM2-135M-Instruct", "ls_model_type": "chat",
-        "ls_temperature": 0.0, "ls_max_tokens": 7, "ls_stop": ["\n"],
+        "ls_temperature": DEFAULT_SAMPLING.temperature, "ls_max_tokens": 7, "ls_stop": ["\n"],
     }
+    # Generation defaults are the engine's (one source of truth); a field or a call's keyword wins.
+    plain = ChatDeltaMem()
+    assert (plain.temperature, plain.max_tokens, plain.top_p, plain.repetition_penalty) == (None, None, None, None)
+    ls = plain._get_ls_params(temperature=0.7)
+    assert ls["ls_temperature"] == 0.7 and ls["ls_max_tokens"] == DEFAULT_MAX_NEW_TOKENS
     structured = model.with_structured_output({"title": "T", "type": "object", "properties": {"x": {"type": "integer"}}})
     assert structured is not None
     with pytest.raises(ValueError):
@@ -80,10 +88,14 @@ def test_metadata_usage_and_callbacks(llm, deltamem_engine):
     meta = msg.response_metadata
     assert meta["model_name"] == deltamem_engine.model_name
     assert meta["session_id"] == "lc-meta" and meta["turn"] == 1 and meta["replayed"] is False
+    assert meta["version"] == deltamem_engine.get_session("lc-meta").version
     assert meta["finish_reason"] in ("stop", "length")
+    assert meta["mode"] == "online" and meta["kv_cache"] in ("new", "rebuilt")
+    assert meta["written_tokens"] == meta["usage"]["written_tokens"] > 0
     usage = msg.usage_metadata
     assert usage["input_tokens"] > 0 and 0 < usage["output_tokens"] <= 3
     assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert usage["input_token_details"]["cache_read"] == meta["usage"]["cached_tokens"]
     assert "".join(tokens) == msg.content  # ``invoke`` streamed through the callbacks (one streaming core)
 
 
@@ -106,15 +118,21 @@ def test_session_routing_order():
     assert sid(field.invoke("a")) == "lc-field"
     assert sid(field.invoke("a", config=cfg)) == "lc-thread"  # thread beats field
     assert sid(field.with_config(cfg).invoke("a")) == "lc-thread"
-    before = set(engine.sessions)
-    assert sid(llm.invoke("a")) is None  # no session anywhere: throwaway, deleted afterwards
-    assert engine.calls[-1]["session_id"].startswith("ephemeral-") and engine.calls[-1]["history"] == "full"
-    assert set(engine.sessions) == before
-    # per-call options reach the engine
+    before, calls = set(engine.sessions), len(engine.calls)
+    reply = llm.invoke("a")  # no session anywhere: a throwaway on the engine's twin, deleted afterwards
+    assert sid(reply) is None and reply.response_metadata["version"] is None
+    assert len(engine.calls) == calls and set(engine.sessions) == before  # the engine itself was not called
+    twin = engine.ephemeral
+    assert twin.calls[-1]["session_id"].startswith(EPHEMERAL_PREFIX) and twin.calls[-1]["history"] == "full"
+    assert twin.sessions == {}
+    # per-call options reach the engine; options nobody set are left to the engine's defaults
     llm.invoke("a", session_id="opts", temperature=0.5, top_k=3, seed=1, mode="state-only", stop=["\n"])
     call = engine.calls[-1]
     assert (call["temperature"], call["top_k"], call["seed"], call["mode"], call["stop"]) == (
         0.5, 3, 1, "state-only", ["\n"])
+    assert call["max_new_tokens"] == 1 and "top_p" not in call and "repetition_penalty" not in call
+    ChatDeltaMem(engine=engine).invoke("a", session_id="defaults")
+    assert not {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"} & set(engine.calls[-1])
     with pytest.raises(ValueError, match="cannot switch"):
         llm.invoke("a", session_id="x", model="other-model")
 
@@ -130,6 +148,16 @@ def test_resent_history_is_written_once_and_edits_replay(llm, deltamem_engine):
               HumanMessage("And you?")]
     third = llm.invoke(edited, session_id="lc-resend")
     assert third.response_metadata["replayed"] is True
+
+
+def test_a_call_without_session_leaves_nothing_in_the_store(llm, deltamem_engine):
+    before = _sessions(deltamem_engine)
+    msg = llm.invoke("Hello there.")
+    streamed = list(llm.stream("And again."))
+    assert msg.response_metadata["session_id"] is None and msg.response_metadata["turn"] is None
+    assert streamed[-1].response_metadata["session_id"] is None
+    assert msg.usage_metadata["output_tokens"] > 0
+    assert _sessions(deltamem_engine) == before
 
 
 async def test_async_stream_has_usage_on_the_last_chunk(llm):
