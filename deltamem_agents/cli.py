@@ -176,6 +176,32 @@ def _cmd_bench_speed_shapes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_batched(args: argparse.Namespace) -> int:
+    apply_threads(args.threads)
+    import torch
+
+    from .benchmarks.batched_decode import format_table, make_tiny_pair, run_batched_benchmark, write_json
+
+    model: object = args.model
+    if args.model == "tiny":
+        from transformers import AutoTokenizer
+
+        from .models import embedded_model_dir
+
+        model = make_tiny_pair(AutoTokenizer.from_pretrained(embedded_model_dir()))
+    print(f"model {args.model or 'embedded'} | torch threads {torch.get_num_threads()} | {args.new_tokens} tokens "
+          f"per session | {args.rounds} rounds, medians", flush=True)
+    results = run_batched_benchmark(model, sessions=tuple(args.sessions), new_tokens=args.new_tokens,
+                                    rounds=args.rounds, measures=tuple(args.measures.split(",")))
+    print()
+    print(format_table(results))
+    if args.json:
+        write_json(results, args.json, model=str(args.model or "embedded"), threads=torch.get_num_threads(),
+                   new_tokens=args.new_tokens)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
 def _cmd_bench_conversation(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
     import torch
@@ -318,6 +344,16 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     conv.add_argument("--json", default=None)
     conv.add_argument("--plot", default=None, help="write a PNG plot here")
     conv.set_defaults(func=_cmd_bench_conversation)
+    batched = bench.add_parser("batched", help="N concurrent sessions: batched decode ÷ one forward at a time")
+    batched.add_argument("--model", default=None,
+                         help="'tiny' (a 2-layer random Llama), HF dir, GGUF file or hub id (default: embedded model)")
+    batched.add_argument("--sessions", type=int, nargs="+", default=[1, 2, 4, 8], help="concurrent sessions")
+    batched.add_argument("--new-tokens", type=int, default=32, help="tokens generated per session")
+    batched.add_argument("--rounds", type=int, default=3)
+    batched.add_argument("--measures", default="decode,engine", help="comma-separated: decode, engine")
+    add_threads_argument(batched)
+    batched.add_argument("--json", default=None, help="also write the results as JSON here")
+    batched.set_defaults(func=_cmd_bench_batched)
     store = bench.add_parser("store", help="store round trip (commit + load of one state): median and p99")
     store.add_argument("--url", action="append", default=None,
                        help="store URL (repeatable; default: a temporary SQLite file, plus $DELTAMEM_TEST_POSTGRES_URL)")

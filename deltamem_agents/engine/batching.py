@@ -2,17 +2,21 @@
 
 A :class:`~deltamem_agents.adapter.DeltaMemModel` keeps its live memory state, and the per-call context its hooks
 use, on the model object. Two forward calls from different threads would mix them, so every call goes through
-:meth:`ModelRunner.forward`, which holds the model lock for exactly one call: it installs the caller's state,
-runs the model, and hands back the advanced state. Sessions therefore interleave **at the granularity of one
-forward call** — a decode step of session A, then one of B, … — and each session's computation is exactly the
-one it would do alone (same inputs, same shapes, same kernels), so its state and logits are bitwise those of
-running it alone.
+the runner, which holds the model lock for exactly one call: it installs the caller's state, runs the model,
+and hands back the advanced state.
 
-What this is not (yet): cross-session *batching* into one forward. Grouping decode steps of different sessions
-needs left-padded, per-row KV caches of different lengths; padded attention and batched matmuls change the
-floating-point summation order, so the rows would no longer be bitwise equal to running alone — which the
-engine promises. On CPU a 1-row decode step is memory-bound either way; the gain would come on a GPU. The
-runner is the one place to add it (``set_state(rows)`` already supports per-row states).
+Two ways sessions share the model:
+
+* **One call at a time** (:meth:`ModelRunner.forward`; the default, and the reference): sessions interleave at
+  the granularity of one forward call — a decode step of session A, then one of B, … — and each session's
+  computation is exactly the one it would do alone (same inputs, same shapes, same kernels), so its state and
+  logits are bitwise those of running it alone.
+* **Batched decode** (:meth:`ModelRunner.forward_rows`, driven by :mod:`.decode_batcher` when the engine runs
+  with ``batch_decode=True``): the decode steps of every session generating at the same time run as one
+  forward over a left-padded KV cache (:mod:`.decode_group`), each row reading its own state. Padded attention
+  and batched matmuls change the floating-point summation order, so a row equals running alone within a
+  tolerance (tested), not bitwise. On CPU a decode step is bound by reading the weights once per call, which a
+  batch shares; on a GPU the gain is larger (``docs/speed.md``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ _LOCKS_GUARD = threading.Lock()
 
 
 class ModelRunner:
-    """Runs forward calls of one model for many sessions, one call at a time.
+    """Runs forward calls of one model for many sessions, one call at a time (a call may carry many rows).
 
     Args:
         model: the δ-mem model (its base model in eval mode).
@@ -95,3 +99,32 @@ class ModelRunner:
             self.forward_calls += 1
         logits = out.logits[0, -1].float() if want_logits else None
         return logits, new_state
+
+    @torch.no_grad()
+    def forward_rows(
+        self,
+        state: DeltaMemState,
+        tokens: Tensor,
+        cache: Any,
+        *,
+        attention_mask: Tensor | None,
+        position_ids: Tensor,
+    ) -> Tensor:
+        """One decode step of ``B`` sequences at once (writes off: every row reads its own state).
+
+        Args:
+            state: ``B``-row state, row ``i`` the state sequence ``i`` reads. Not modified.
+            tokens: ``(B, 1)`` the next token of each row.
+            cache: a ``DynamicCache`` of ``B`` rows, left-padded to a common length ``L`` (extended in place).
+            attention_mask: ``(B, L + 1)``, 0 on padding columns (``None``: no row is padded).
+            position_ids: ``(B, 1)``, each row's own position (its token count so far, padding excluded).
+        Returns:
+            ``logits (B, V)`` of the new position.
+        """
+        with self.lock:
+            self.model.set_state(state)
+            with self.model.writes_disabled():
+                out = forward_with_cache(self.model, cache, tokens, attention_mask=attention_mask,
+                                         position_ids=position_ids, logits_to_keep=1)
+            self.forward_calls += 1
+        return out.logits[:, -1].float()

@@ -13,6 +13,8 @@ was written, :mod:`.turns` runs the call in its mode, :mod:`.generation` decodes
    session's hot KV cache and writes each new message as it passes; ``windowed``/``state-only`` prompt with
    text and write each message on its own after generation.
 4. Generate (every generated token reads the state, nothing is written), then write the reply as a message.
+   Decode steps are the session's own forward calls, or (``batch_decode=True``) batched with the steps of other
+   sessions generating at the same time (:mod:`.decode_batcher`).
 5. Commit state, new records and window with the version read in 2 — a turn is two store transactions, load
    and commit. On a concurrent update, reload and write again (the reply is kept, not regenerated), a bounded
    number of times. Only after the commit does the mode keep its KV cache for the next turn.
@@ -45,6 +47,8 @@ from ..store.base import (
     validate_identifier,
 )
 from .batching import ModelRunner
+from .decode_batcher import BatchStats, DecodeBatcher
+from .decode_group import model_can_batch
 from .errors import FingerprintMismatchError, InvalidMessageError, MessageTooLongError
 from .generation import generate
 from .kv_files import KVCacheFiles
@@ -104,6 +108,11 @@ class MemoryEngine:
         tokenizer: the tokenizer, when ``model`` is a model object rather than a pair.
         history: default reconciliation style, ``"auto"``, ``"full"`` or ``"append"`` (see :mod:`.session`).
         max_retries: how many times a turn is written again after a concurrent update before giving up.
+        batch_decode: run the decode steps of sessions generating at the same time as one batched forward
+            (continuous batching; an extension, off by default). Each session then equals running alone within
+            a floating-point tolerance, not bitwise; it pays on a GPU with many concurrent sessions
+            (``docs/engine.md``, "Concurrency"). A model whose KV cache cannot be batched decodes alone.
+        batch_max_rows: ``batch_decode``: most sessions in one batched step (later ones wait for a row).
     """
 
     def __init__(
@@ -128,6 +137,8 @@ class MemoryEngine:
         tokenizer: Any = None,
         history: str = "auto",
         max_retries: int = 3,
+        batch_decode: bool = False,
+        batch_max_rows: int = 16,
     ) -> None:
         self.default_mode = _check_mode(mode)
         _check_int("window_tokens", window_tokens, 0)
@@ -141,6 +152,9 @@ class MemoryEngine:
             raise ValueError(f"kv_retain must be in [0, 1), got {kv_retain!r}")
         if history not in HISTORY_STYLES:
             raise ValueError(f"history must be one of {HISTORY_STYLES}, got {history!r}")
+        if not isinstance(batch_decode, bool):
+            raise TypeError(f"batch_decode must be True or False, got {batch_decode!r}")
+        _check_int("batch_max_rows", batch_max_rows, 1)
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         self.window_tokens = window_tokens
@@ -157,6 +171,12 @@ class MemoryEngine:
         self.runner = ModelRunner(self.model, self.device)
         self.renderer = ChatRenderer(self._tokenizer)
         self._tool_format = detect_tool_format(self._tokenizer)
+        if batch_decode and not model_can_batch(self.runner.new_cache()):
+            logger.warning("batch_decode: this model's KV cache (%s) cannot be batched; sessions decode one "
+                           "forward call at a time", type(self.runner.new_cache()).__name__)
+            batch_decode = False
+        self.batch_decode = batch_decode
+        self._batcher = DecodeBatcher(self.runner, batch_max_rows) if batch_decode else None
         self._fingerprints = {
             "model": base_model_fingerprint(self.model.base_model),
             "adapter": adapter_fingerprint(self.model),
@@ -214,6 +234,10 @@ class MemoryEngine:
     def kv_cache_stats(self) -> KVCacheStats:
         """Hot KV cache counters (hits, disk hits, misses, slides, evictions) and current size."""
         return self._kv_pool.stats
+
+    def batch_stats(self) -> BatchStats | None:
+        """Counters of batched decoding (steps, rows per step, sessions joined); ``None`` when it is off."""
+        return self._batcher.stats if self._batcher is not None else None
 
     def close(self) -> None:
         """Save the hot KV caches to ``kv_cache_dir`` (if set) and close the store if the engine opened it."""
@@ -570,15 +594,17 @@ class MemoryEngine:
             try:
                 prompt = runner.prompt(work, gen)
                 final = None
-                for event in generate(
+                # closing() ends a batched generation (it leaves the batch) before the turn is abandoned
+                with contextlib.closing(generate(
                     self.runner, prompt.read_state, prompt.cache, prompt.tail, max_new_tokens=gen.max_new_tokens,
                     params=gen.params, eos_ids=self.eos_ids, stop=gen.stop, tokenizer=self._tokenizer,
-                    cancelled=cancelled,
-                ):
-                    if event.finish_reason is None:
-                        yield ChatChunk(event.text, session_id)
-                    else:
-                        final = event
+                    cancelled=cancelled, batcher=self._batcher,
+                )) as events:
+                    for event in events:
+                        if event.finish_reason is None:
+                            yield ChatChunk(event.text, session_id)
+                        else:
+                            final = event
                 assert final is not None
                 if final.finish_reason == "cancelled":
                     runner.abandon(work)

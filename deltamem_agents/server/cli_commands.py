@@ -33,7 +33,10 @@ _SERVE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--max-message-tokens", "max_message_tokens", int, "longest message accepted (default 8192; 413 beyond)"),
     ("--max-new-tokens", "max_new_tokens", int, "answer length when a request sets none (default 512)"),
     ("--max-queue", "max_queue", int, "model requests admitted at once, running + waiting (default 64; 503 beyond)"),
-    ("--max-concurrency", "max_concurrency", int, "of those, running in the engine at once (default min(4, max-queue))"),
+    ("--max-concurrency", "max_concurrency", int,
+     "of those, running in the engine at once (default min(4, max-queue); with --batch-decode min(batch-max-rows, "
+     "max-queue))"),
+    ("--batch-max-rows", "batch_max_rows", int, "with --batch-decode: most sessions in one batched step (default 16)"),
     ("--retry-after", "retry_after_s", int, "Retry-After seconds of a 503 (default 1)"),
     ("--max-import-bytes", "max_import_bytes", int, "largest session file accepted by import (default 64 MiB)"),
     ("--namespace", "namespace", str, "namespace of local single-user mode (default 'default')"),
@@ -50,6 +53,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
         given["threads"] = args.threads
     if args.require_keys:
         given["require_keys"] = True
+    if args.batch_decode:
+        given["batch_decode"] = True
     return ServerSettings(**given)
 
 
@@ -140,6 +145,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="worker processes, each with its own engine; share a PostgreSQL store (default 1)")
     serve.add_argument("--require-keys", action="store_true",
                        help="always require an API key, even while none exists (no local single-user mode)")
+    serve.add_argument("--batch-decode", action="store_true",
+                       help="run the decode steps of concurrent requests as one batched forward (answers equal "
+                       "one-at-a-time within float tolerance, not bitwise; pays on a GPU; $DELTAMEM_BATCH_DECODE)")
     serve.set_defaults(func=_cmd_serve)
 
     keys = sub.add_parser("keys", help="API keys of the server (each bound to a namespace)")

@@ -36,8 +36,13 @@ class ServerSettings(BaseSettings):
         namespace: the namespace of local single-user mode (no API keys); keys carry their own.
         max_queue: requests admitted to the model at once, running plus waiting; one more gets 503.
         max_concurrency: of those, how many run in the engine at the same time (the rest wait in order);
-            ``None``: ``min(4, max_queue)``. Forward calls of different sessions interleave on one model lock
-            anyway, so more only helps while sessions load, commit or wait for a slow client.
+            ``None``: ``min(4, max_queue)``, or ``min(batch_max_rows, max_queue)`` with ``batch_decode``. Without
+            batching, forward calls of different sessions interleave on one model lock anyway, so more only
+            helps while sessions load, commit or wait for a slow client; with it, this bounds the batch.
+        batch_decode: run the decode steps of concurrent requests as one batched forward (the engine's
+            ``batch_decode``; off by default: each answer then equals its one-at-a-time answer within a
+            floating-point tolerance, not bitwise; it pays on a GPU with many concurrent sessions).
+        batch_max_rows: ``batch_decode``: most sessions in one batched step.
         retry_after_s: the ``Retry-After`` header of a 503.
         max_import_bytes: largest session file ``POST /v1/sessions/import`` accepts (413 beyond).
         require_keys: refuse requests without a valid key even while no key exists (no local mode).
@@ -62,6 +67,8 @@ class ServerSettings(BaseSettings):
     max_new_tokens: int = Field(512, ge=0)
     max_queue: int = Field(64, ge=1)
     max_concurrency: int | None = Field(None, ge=1)
+    batch_decode: bool = False
+    batch_max_rows: int = Field(16, ge=1)
     retry_after_s: int = Field(1, ge=0)
     max_import_bytes: int = Field(64 * 1024**2, ge=1)
     require_keys: bool = False
@@ -98,7 +105,9 @@ class ServerSettings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
         if self.max_concurrency is None:
-            self.max_concurrency = min(DEFAULT_CONCURRENCY, self.max_queue)
+            # with batching, the requests running in the engine at once are the batch: let it fill
+            wanted = self.batch_max_rows if self.batch_decode else DEFAULT_CONCURRENCY
+            self.max_concurrency = min(wanted, self.max_queue)
         elif self.max_concurrency > self.max_queue:
             # more could never run than are admitted; say so rather than silently capping
             raise ValueError(f"max_concurrency ({self.max_concurrency}) must be <= max_queue ({self.max_queue})")

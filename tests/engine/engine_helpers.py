@@ -14,17 +14,22 @@ def randomize(dm, seed: int = 1, scale: float = 1.0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * scale * (0.3 if p.dim() == 2 else 1.0))
 
 
-def make_tiny_dm(write_mode: str = "tsw", seed: int = 0, layers: int = 2):
-    """A random Llama (2 layers by default) (vocab 49,152) with a randomised δ-mem adapter that visibly moves the logits."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def make_tiny_dm(write_mode: str = "tsw", seed: int = 0, layers: int = 2, arch: str = "llama"):
+    """A random Llama (or ``arch="qwen3"``) (2 layers by default) (vocab 49,152: the embedded tokenizer's) with a
+    randomised δ-mem adapter that visibly moves the logits."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
     from deltamem_agents.adapter import DeltaMemConfig, attach
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=49152, max_position_embeddings=512,
-    )
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=layers, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=49152, max_position_embeddings=512)
+    if arch == "llama":
+        cfg = LlamaConfig(**common)
+    elif arch == "qwen3":
+        cfg = Qwen3Config(head_dim=16, **common)
+    else:
+        raise ValueError(arch)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     dm = attach(model, DeltaMemConfig(write_mode=write_mode))
     randomize(dm, seed=seed + 1)
