@@ -45,14 +45,14 @@ PUBLIC = {
     ),
     "deltamem_agents.store": (
         "ALLOWED_DTYPES AsyncSQLSessionStore AsyncSessionStore ConcurrentUpdateError CorruptSessionError "
-        "CorruptStateError DEFAULT_NAMESPACE IDENTIFIER_PATTERN ITEMSIZE InvalidIdentifierError RecordSummary "
-        "SQLSessionStore SchemaVersionError SessionData SessionExistsError SessionInfo SessionNotFoundError "
+        "CorruptStateError DEFAULT_NAMESPACE IDENTIFIER_PATTERN ITEMSIZE InvalidIdentifierError "
+        "InvalidStoreURLError RecordSummary SQLSessionStore SchemaVersionError SessionData SessionExistsError SessionInfo SessionNotFoundError "
         "SessionStats SessionStore StorageFullError StoreError StoreUnavailableError TensorBlob TurnInfo "
         "WindowMessage WrittenMessage current_version default_sqlite_path latest_version normalize_url "
         "open_async_store open_store sha256_hex upgrade upgrade_database validate_identifier"
     ),
     "deltamem_agents.store.errors": (
-        "ConcurrentUpdateError CorruptSessionError CorruptStateError InvalidIdentifierError "
+        "ConcurrentUpdateError CorruptSessionError CorruptStateError InvalidIdentifierError InvalidStoreURLError "
         "SchemaVersionError SessionExistsError SessionNotFoundError StorageFullError StoreError "
         "StoreUnavailableError"
     ),
