@@ -664,10 +664,12 @@ class MemoryEngine:
         return Prepared(data, plan, blobs_to_state(blobs, self.model))
 
     @staticmethod
-    def _conflict(call: _Call, data: SessionData, plan: TurnPlan, *, moved: bool = False) -> HistoryConflictError:
+    def _conflict(call: _Call, data: SessionData, plan: TurnPlan, *, moved: bool = False,
+                  version: int | None = None) -> HistoryConflictError:
         info, n = data.info, plan.committed
+        version = info.version if version is None else version
         agreed = plan.diverged_at if plan.diverged_at is not None else n
-        where = f"session {info.namespace}/{info.session_id} (version {info.version})"
+        where = f"session {info.namespace}/{info.session_id} (version {version})"
         if moved:
             reason = (f"{where} is not at expected_version={call.expected_version}: it changed since the caller "
                       "last saw it")
@@ -679,7 +681,7 @@ class MemoryEngine:
                   "new messages (history='append'), or pass on_divergence='rollback' to replace what it holds")
         return HistoryConflictError(
             f"{reason}; nothing was written: {advice}",
-            namespace=info.namespace, session_id=info.session_id, version=info.version, common_prefix=agreed,
+            namespace=info.namespace, session_id=info.session_id, version=version, common_prefix=agreed,
             missing=n - agreed, expected_version=call.expected_version,
         )
 
@@ -777,8 +779,12 @@ class MemoryEngine:
                 info = self._store_turn(call, work.prep, blobs, work.written, window)
             except ConcurrentUpdateError as exc:
                 runner.abandon(work)
-                if call.expected_version is not None:
-                    raise self._conflict(call, work.prep.data, work.prep.plan, moved=True) from exc
+                if call.expected_version is not None:  # the session moved past the version the caller saw
+                    try:
+                        now = self.store.get(call.session_id, namespace=call.namespace).version
+                    except Exception:  # noqa: BLE001 - only used for the error's details
+                        now = work.prep.data.info.version
+                    raise self._conflict(call, work.prep.data, work.prep.plan, moved=True, version=now) from exc
                 lost = exc
             else:
                 runner.committed(work, info, blobs)

@@ -226,6 +226,21 @@ def test_a_retry_after_a_concurrent_commit_plans_with_the_same_rules(make_engine
     assert _record(store, "s") == [*before, *_digests(nxt, {"role": "assistant", "content": r.text})]
 
 
+def test_expected_version_and_a_commit_during_the_call(make_engine):
+    """With ``expected_version`` a concurrent commit during the call is a conflict (not planned again), with the
+    session's new version in the error; nothing of the call is written."""
+    store = _Racing()
+    eng = make_engine(store=store)
+    r = eng.chat("s", conversation(1), max_new_tokens=2)
+    store.race = _normalized({"role": "user", "content": "theirs"})
+    with pytest.raises(HistoryConflictError) as exc:
+        eng.chat("s", [{"role": "user", "content": "mine"}], history="append", expected_version=r.version,
+                 max_new_tokens=2)
+    assert exc.value.expected_version == r.version and exc.value.version == r.version + 1
+    assert exc.value.version == store.get("s").version
+    assert _record(store, "s")[-1] == normalize_message({"role": "user", "content": "theirs"}).digest
+
+
 def test_a_record_changing_while_it_is_planned_is_planned_again(make_engine):
     """Another writer replaces the latest turn between the load and the read of the full record (the planner
     sees a record that does not match the loaded summary): that raised ``ConcurrentUpdateError`` out of the
