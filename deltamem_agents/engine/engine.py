@@ -4,11 +4,12 @@ The engine is a façade: the session store keeps sessions, :mod:`.session` recon
 was written, :mod:`.turns` runs the call in its mode, :mod:`.generation` decodes. How a turn runs (``chat`` /
 ``stream``; ``write`` is the same without the prompt and the generation):
 
-1. Validate every message (role, content, size) and the generation options — errors here change nothing.
-2. Under the session's lock, load the latest snapshot (creating the session if needed) and check its
-   fingerprints; reconcile the call's messages with the written record: already-written messages are skipped,
-   new ones will be written, a diverging history rolls back to the latest snapshot before the divergence and
-   replays the rest.
+1. Validate every message (role, content, size, count) and every option — errors here change nothing.
+2. Under the session's lock, load the latest snapshot (a missing session is the fresh one; it is created by the
+   commit) and check its fingerprints; reconcile the call's messages with the written record
+   (:mod:`.session`): already-written messages are skipped, new ones will be written, a diverging history is a
+   :class:`HistoryConflictError` (``on_divergence="reject"``, the default) or rolls back to the latest snapshot
+   before the divergence and replays the rest (``"rollback"``) — decided before anything is generated.
 3. The mode builds the prompt and writes the messages (:mod:`.turns`): ``online`` (default) continues the
    session's hot KV cache and writes each new message as it passes; ``windowed``/``state-only`` prompt with
    text and write each message on its own after generation.
@@ -16,8 +17,9 @@ was written, :mod:`.turns` runs the call in its mode, :mod:`.generation` decodes
    Decode steps are the session's own forward calls, or (``batch_decode=True``) batched with the steps of other
    sessions generating at the same time (:mod:`.decode_batcher`).
 5. Commit state, new records and window with the version read in 2 — a turn is two store transactions, load
-   and commit. On a concurrent update, reload and write again (the reply is kept, not regenerated), a bounded
-   number of times. Only after the commit does the mode keep its KV cache for the next turn.
+   and commit. On a concurrent update, reload, plan again with the same rules and write again (the reply is
+   kept, not regenerated), a bounded number of times. Only after the commit does the mode keep its KV cache for
+   the next turn.
 """
 
 from __future__ import annotations
