@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..evaluation.resources import ResourceMonitor
+from ..extras import pyplot
 
 DEFAULT_CHECKPOINTS = (1024, 2048, 4096, 8192, 16384, 32768)
 ARMS = ("online", "online-amortised", "windowed", "full-context")
@@ -286,10 +287,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], results: list[TurnMeasure], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("eval", "the conversation benchmark's plot")
 
     cs = [r["checkpoint"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
