@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from ..evaluation.resources import ResourceMonitor
+from ..extras import pyplot
 
 __all__ = [
     "ARMS",
@@ -303,10 +304,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], results: list[TurnMeasure], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("eval", "the conversation benchmark's plot")
 
     cs = [r["checkpoint"] for r in rows]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))

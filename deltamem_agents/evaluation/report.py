@@ -13,6 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..extras import pyplot
 from .metrics import mean_ci
 from .runner import ArmCost, EvalConfig, EvalRun, Record
 from .windows import EVIDENCE_INSIDE, EVIDENCE_OUTSIDE, EVIDENCE_UNKNOWN
@@ -163,10 +164,7 @@ def format_markdown(run: EvalRun, summary: dict[str, Any], command: str | None =
 
 def plot(run: EvalRun, summary: dict[str, Any], path: Path) -> Path:
     """Bar chart: score per arm with CI bars, one group of bars per evidence split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("eval", "the evaluation report's plot")
 
     splits = list(summary["splits"])
     arms = run.arms

@@ -9,10 +9,11 @@ original conversation order.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-import bm25s
 import numpy as np
 
+from ..extras import require
 from .porter import stem
 
 __all__ = ["Bm25Index"]
@@ -26,8 +27,9 @@ class Bm25Index:
     """A BM25 index over the messages of one history."""
 
     def __init__(self, texts: Sequence[str]) -> None:
+        self._bm25s = bm25s = require("bm25s", "eval", "the BM25 RAG baseline")
         self.size = len(texts)
-        self._retriever: bm25s.BM25 | None = None
+        self._retriever: Any = None
         if self.size == 0:
             return
         tokens = bm25s.tokenize(list(texts), stopwords="en", stemmer=_stem_all, show_progress=False)
@@ -42,7 +44,7 @@ class Bm25Index:
         out = np.zeros(self.size, dtype=np.float64)
         if self._retriever is None:
             return out
-        words = bm25s.tokenize([query], stopwords="en", stemmer=_stem_all, return_ids=False, show_progress=False)
+        words = self._bm25s.tokenize([query], stopwords="en", stemmer=_stem_all, return_ids=False, show_progress=False)
         known = [w for w in words[0] if w in self._vocab]
         if not known:
             return out

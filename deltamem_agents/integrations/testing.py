@@ -22,9 +22,17 @@ from typing import Any
 import pytest
 
 from ..engine import ChatChunk, ChatResult, SessionNotFoundError, Usage
+from ..engine.generation import GenerationEvent
 from .ephemeral import _set_twin, close_ephemeral_engine
 
-__all__ = ["FakeEngine", "deltamem_engine", "embedded", "load_embedded_once", "pytest_pycollect_makeitem"]
+__all__ = [
+    "FakeEngine",
+    "deltamem_engine",
+    "embedded",
+    "load_embedded_once",
+    "pytest_pycollect_makeitem",
+    "script_replies",
+]
 
 
 class FakeEngine:
@@ -130,3 +138,33 @@ def pytest_pycollect_makeitem(collector: Any, name: str, obj: Any) -> None:
     ):
         pytest.mark.asyncio(obj)
     return None
+
+
+def script_replies(monkeypatch: Any, replies: list[str], piece: int = 3) -> list[str]:
+    """Make the engine's next generations produce ``replies`` (one per turn, in order), streamed ``piece``
+    characters at a time so that markers arrive split across chunks.
+
+    For tests of what happens *after* the decode loop (tool-call parsing, what is written, what a client gets
+    back, how its resent history matches): a tiny random model cannot be made to write a given reply. Only the
+    text the decode loop produces is replaced (the engine's ``generate``); the model still reads the prompt (its
+    last tokens are run as the real loop runs them), and everything from the text on is the real code.
+    Returns the list, which empties as turns run.
+    """
+    from ..engine import engine as engine_module
+
+    queue = list(replies)
+
+    def scripted_generate(runner: Any, state: Any, cache: Any, prompt_tail: list[int], *, tokenizer: Any,
+                          cancelled: Any = None, **_: Any) -> Iterator[GenerationEvent]:
+        text = queue.pop(0)
+        runner.forward(state, prompt_tail, cache=cache, writes=False)
+        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        for start in range(0, len(text), piece):
+            if cancelled is not None and cancelled.is_set():
+                yield GenerationEvent("", "cancelled", 0, text[:start])
+                return
+            yield GenerationEvent(text[start : start + piece])
+        yield GenerationEvent("", "stop", tokens, text)
+
+    monkeypatch.setattr(engine_module, "generate", scripted_generate)
+    return queue

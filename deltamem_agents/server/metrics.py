@@ -2,7 +2,8 @@
 
 Counted as requests happen: requests by route template / method / status, latency and time to first token,
 tokens (prompt, completion, cached). Read from the engine at scrape time: KV cache counters and sizes
-(``engine.kv_cache_stats()``), stored sessions, admitted and running requests.
+(``engine.kv_cache_stats()``), batched decode (``engine.batch_stats()``, with ``--batch-decode``), stored sessions,
+admitted and running requests.
 """
 
 from __future__ import annotations
@@ -64,6 +65,16 @@ class _EngineCollector(Collector):
             logger.warning("metrics: could not count sessions: %s", exc)
         else:
             yield GaugeMetricFamily("deltamem_sessions", "sessions in the store (all namespaces)", value=sessions)
+        batch = self._engine.batch_stats() if hasattr(self._engine, "batch_stats") else None
+        if batch is not None:  # only with --batch-decode
+            for name, value, text in (
+                ("steps", batch.steps, "batched decode forwards (one per step of all generating sessions)"),
+                ("row_steps", batch.row_steps, "tokens decoded by batched forwards (mean batch: row_steps / steps)"),
+                ("joined", batch.joined, "sessions that joined the decode batch"),
+            ):
+                yield CounterMetricFamily(f"deltamem_batch_{name}", text, value=value)
+            yield GaugeMetricFamily("deltamem_batch_max_rows", "most sessions decoded in one batched forward",
+                                    value=batch.max_rows)
         yield GaugeMetricFamily("deltamem_requests_admitted", "model requests running or waiting",
                                 value=self._limiter.admitted)
         yield GaugeMetricFamily("deltamem_requests_running", "model requests running in the engine",

@@ -28,6 +28,7 @@ from sqlalchemy.pool import StaticPool
 if TYPE_CHECKING:  # sqlalchemy.ext.asyncio needs greenlet; the sync store must work without it
     from sqlalchemy.ext.asyncio import AsyncEngine
 
+from ..extras import require
 from ..paths import cache_dir
 from .errors import InvalidStoreURLError, StorageFullError, StoreError, StoreUnavailableError
 
@@ -231,11 +232,24 @@ def _engine_kwargs(url: URL) -> dict[str, Any]:
     return {"pool_pre_ping": True}
 
 
+#: PostgreSQL drivers come with the ``postgres`` extra (SQLite's are in the core install).
+_PG_DRIVER_MODULES = {"postgresql+psycopg": "psycopg", "postgresql+asyncpg": "asyncpg"}
+
+
+def _require_driver(url: URL) -> None:
+    """A clear :class:`~deltamem_agents.extras.MissingDependencyError` for a PostgreSQL URL without its driver,
+    rather than SQLAlchemy's bare ``ModuleNotFoundError`` at the first connection."""
+    module = _PG_DRIVER_MODULES.get(url.drivername)
+    if module is not None:
+        require(module, "postgres", "a PostgreSQL store")
+
+
 def make_engine(url: str | URL | None, *, busy_timeout_s: float = 30) -> Engine:
     """A sync engine for ``url`` (normalised), with the SQLite hooks installed."""
     from sqlalchemy import create_engine
 
     normalized = normalize_url(url, async_=False)
+    _require_driver(normalized)
     if normalized.get_backend_name() == "sqlite":
         _prepare_sqlite_file(normalized)
     engine = create_engine(normalized, **_engine_kwargs(normalized))
@@ -249,6 +263,7 @@ def make_async_engine(url: str | URL | None, *, busy_timeout_s: float = 30) -> A
     from sqlalchemy.ext.asyncio import create_async_engine  # needs greenlet (``sqlalchemy[asyncio]``)
 
     normalized = normalize_url(url, async_=True)
+    _require_driver(normalized)
     if normalized.get_backend_name() == "sqlite":
         _prepare_sqlite_file(normalized)
     kwargs = _engine_kwargs(normalized)

@@ -45,6 +45,7 @@ from torch import Tensor
 from ..adapter import DeltaMemConfig, DeltaMemModel, attach, save_adapter
 from ..adapter.segments import plan_segments
 from ..adapter.state import DeltaMemState
+from ..extras import pyplot
 from .collate import IGNORE, encode_prompt_answer, pad_read
 from .config import DEFAULT_SYSTEM_PROMPT
 from .data.synthetic import _SMALL_TALK, synthetic_group
@@ -510,10 +511,7 @@ class LadderRun:
 
 def plot_runs(logs: dict[str, Path], png: Path, title: str = "") -> None:
     """Held-out state-only accuracy (±2 SE) against training questions, one line per run; zero-state dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("train", "the ladder's accuracy plot")
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for label, path in logs.items():

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from ..adapter import DeltaMemModel
 from ..evaluation.metrics import contains_match, exact_match, wilson_interval
+from ..extras import pyplot
 from .collate import encode_context, encode_prompt_answer, pad_read, pad_write
 from .config import DEFAULT_SYSTEM_PROMPT
 from .examples import MemoryExample
@@ -321,10 +322,7 @@ def recall_curve(run_dir: str | Path, *, n: int = 120, seed: int = 1234, cache: 
 def plot_recall_curve(points: Sequence[dict[str, Any]], png: str | Path, *, chance: float = 0.25,
                       reference: dict[str, float] | None = None, title: str = "") -> None:
     """Held-out state-only choice accuracy (with 95 % Wilson bands) against training questions seen."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("train", "the recall-curve plot")
 
     x = [p["questions_seen"] for p in points]
     y = [p["acc"] for p in points]

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ..adapter import DeltaMemModel, attach, load_adapter, save_adapter
 from ..adapter.io import WEIGHTS_NAME
+from ..extras import pyplot
 from ..files import atomic_directory
 from .collate import IGNORE, encode_context, encode_prompt_answer, pad_read, pad_write
 from .config import TrainConfig
@@ -489,10 +490,7 @@ def train(config: TrainConfig, out_dir: str | Path, resume: str | Path | None = 
 
 def plot_loss(log_path: Path, png_path: Path) -> None:
     """Loss (and mean β) against questions seen, from the JSONL log."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("train", "the training loss plot")
 
     recs = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     if not recs:

@@ -9,6 +9,7 @@ import threading
 import time
 from types import SimpleNamespace
 
+import httpx
 import pytest
 from batch_helpers import LogitRecorder, StepGate, assert_no_near_ties
 
@@ -71,7 +72,7 @@ def _serve(app, engine):
         server.should_exit = True
         thread.join(timeout=30)
 
-    return SimpleNamespace(engine=engine, stop=stop,
+    return SimpleNamespace(engine=engine, stop=stop, url=url.removesuffix("/v1"),
                            client=lambda: openai.OpenAI(base_url=url, api_key="local", max_retries=0, timeout=60))
 
 
@@ -134,3 +135,9 @@ def test_concurrent_streamed_sessions_complete_with_their_one_at_a_time_answers(
         assert engine.get_session(sid).turn == 1
         assert engine.session_state(sid).equal(engine.session_state("ref-" + sid)), sid
     assert engine.batch_stats().steps > steps_before and engine._batcher.sessions == 0
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1])
+               for line in httpx.get(f"{batched_live.url}/metrics").text.splitlines()
+               if line.startswith("deltamem_batch_")}
+    stats = engine.batch_stats()
+    assert metrics["deltamem_batch_steps_total"] == stats.steps and metrics["deltamem_batch_max_rows"] == len(SESSIONS)
+    assert metrics["deltamem_batch_row_steps_total"] == stats.row_steps > stats.steps

@@ -10,9 +10,10 @@ clients parse — and the next turn's history matching sees what the client real
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from deltamem_agents.integrations.testing import script_replies  # noqa: F401  (re-exported for the tests)
 
 TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
 
@@ -41,28 +42,3 @@ def with_template(tokenizer: Any, name: str) -> Any:
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = template(name)
     return tok
-
-
-def script_replies(monkeypatch: Any, replies: list[str], piece: int = 3) -> list[str]:
-    """Make the engine's next generations produce ``replies`` (one per turn, in order), streamed ``piece``
-    characters at a time so that markers arrive split across chunks. The model still reads the prompt (the
-    prompt's last tokens are run as the real loop runs them). Returns the list, which empties as turns run."""
-    from deltamem_agents.engine import engine as engine_module
-    from deltamem_agents.engine.generation import GenerationEvent
-
-    queue = list(replies)
-
-    def scripted_generate(runner: Any, state: Any, cache: Any, prompt_tail: list[int], *, tokenizer: Any,
-                          cancelled: Any = None, **_: Any) -> Iterator[GenerationEvent]:
-        text = queue.pop(0)
-        runner.forward(state, prompt_tail, cache=cache, writes=False)
-        tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-        for start in range(0, len(text), piece):
-            if cancelled is not None and cancelled.is_set():
-                yield GenerationEvent("", "cancelled", 0, text[:start])
-                return
-            yield GenerationEvent(text[start : start + piece])
-        yield GenerationEvent("", "stop", tokens, text)
-
-    monkeypatch.setattr(engine_module, "generate", scripted_generate)
-    return queue

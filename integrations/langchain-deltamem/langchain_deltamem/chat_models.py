@@ -363,8 +363,17 @@ class ChatDeltaMem(BaseChatModel):
         }
         tool_call_chunks: list[dict[str, Any]] = []
         invalid: list[dict[str, Any]] = []
-        if call.tools:
+        if call.tools and result.tool_calls:
+            # Parsed by the engine, which wrote the reply as an assistant message with exactly these calls and ids:
+            # the AIMessage LangChain resends next turn then matches the session's record (no replay).
+            text = result.content or ""
+            calls = [{"name": c.name, "args": c.args, "id": c.id} for c in result.tool_calls]
+        elif call.tools and getattr(call.target.engine, "tool_call_format", None) is None:
+            # a template the engine knows no call format of: ``<tool_call>`` blocks, parsed here
             text, calls, invalid = parse_tool_calls(text)
+        else:  # no tools, or the engine's parser found no valid call (unknown tool, broken JSON): plain text
+            calls = []
+        if call.tools:
             tool_call_chunks = [
                 {"type": "tool_call_chunk", "name": c["name"], "args": _json_dumps(c["args"]), "id": c["id"],
                  "index": i}
@@ -465,8 +474,11 @@ class ChatDeltaMem(BaseChatModel):
         tool_choice: dict | str | bool | None = None,
         **kwargs: Any,
     ) -> Runnable[LanguageModelInput, AIMessage]:
-        """Bind tools: they are rendered by the model's chat template, and ``<tool_call>{…}</tool_call>`` blocks
-        in the reply come back as ``AIMessage.tool_calls``.
+        """Bind tools: they are rendered by the model's chat template, and the calls in the reply come back as
+        ``AIMessage.tool_calls``. The engine parses them in the template's own format (Hermes / Qwen
+        ``<tool_call>{…}</tool_call>``, Llama 3.x JSON; see ``deltamem_agents.engine.tool_calls``) and writes the
+        reply with the same call ids, so resending the ``AIMessage`` with the tool results continues the session
+        without a replay; for a template with no format the engine knows, ``<tool_call>`` blocks are parsed here.
 
         Only for models whose chat template renders tools: raises :class:`NotImplementedError` otherwise (the
         embedded SmolLM2-135M-Instruct among them). ``tool_choice`` may be ``None``, ``"auto"`` or ``"none"``:
