@@ -1,7 +1,8 @@
 """deltamem-agents: δ-mem (a fixed-size associative memory for frozen LLMs) as a memory backend for agents.
 
 The public names below are imported lazily, so ``import deltamem_agents.store`` (which stores bytes and never
-needs torch) does not pay for importing torch and transformers.
+needs torch) does not pay for importing torch and transformers. Every error the package raises on purpose
+derives from :class:`DeltaMemError` (``deltamem_agents.errors``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ _EXPORTS = {
     "load_adapter": ".adapter",
     "save_adapter": ".adapter",
     "MemoryEngine": ".engine",
+    "DeltaMemError": ".errors",
 }
 
 __all__ = [
     "DeltaMemConfig",
+    "DeltaMemError",
     "DeltaMemModel",
     "DeltaMemState",
     "MemoryEngine",
@@ -45,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
         save_adapter,
     )
     from .engine import MemoryEngine
+    from .errors import DeltaMemError
 
 
 def __getattr__(name: str) -> Any:

@@ -1,4 +1,11 @@
-"""The ``deltamem`` command."""
+"""The ``deltamem`` command.
+
+Errors: every error deltamem raises on purpose (:class:`~deltamem_agents.errors.DeltaMemError`) and an
+``OSError`` from the user's environment (a read-only or full disk, a missing file) end the command with one line
+on stderr, ``error: <message>``, and exit code 2 when the command line itself was wrong (a bad option value,
+session id or message) or 1 otherwise — never a traceback, unless ``-v`` (``deltamem -v …``, or ``chat -v``)
+or ``DELTAMEM_DEBUG=1`` asks for it (:func:`report_error`). Ctrl-C exits with 130.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,9 @@ import textwrap
 from collections.abc import Sequence
 
 __all__ = [
+    "DEBUG_ENV",
+    "EXIT_ERROR",
+    "EXIT_USAGE",
     "THREADS_ENV",
     "HelpFormatter",
     "add_threads_argument",
@@ -17,10 +27,15 @@ __all__ = [
     "build_parser",
     "default_threads",
     "main",
+    "report_error",
 ]
 
 #: Environment variable overriding the default of every ``--threads``.
 THREADS_ENV = "DELTAMEM_THREADS"
+#: ``DELTAMEM_DEBUG=1``: an error prints its traceback after the ``error:`` line.
+DEBUG_ENV = "DELTAMEM_DEBUG"
+#: Exit codes: the command line was wrong / anything else failed.
+EXIT_USAGE, EXIT_ERROR = 2, 1
 _warned_env: set[str] = set()
 
 
@@ -292,7 +307,13 @@ def _cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The ``deltamem`` parser; given the command line ``argv``, only the plugins its command needs are loaded."""
-    parser = argparse.ArgumentParser(prog="deltamem", description="δ-mem memory backend for agents")
+    parser = argparse.ArgumentParser(
+        prog="deltamem", description="δ-mem memory backend for agents",
+        epilog=f"Errors print one line, 'error: <message>', and exit with {EXIT_USAGE} when the command line was "
+        f"wrong, {EXIT_ERROR} otherwise; -v or {DEBUG_ENV}=1 adds the traceback.",
+    )  # fmt: skip
+    parser.add_argument("-v", "--verbose", dest="debug", action="store_true",
+                        help=f"print the traceback of an error (as {DEBUG_ENV}=1 does)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     model = sub.add_parser("model", help="the embedded default model").add_subparsers(dest="action", required=True)
@@ -382,10 +403,42 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _usage_error(exc: BaseException) -> bool:
+    """An error in what the user typed: a bad option value, session id, namespace, store URL or message."""
+    from .engine.errors import InvalidMessageError, InvalidOptionError
+    from .store.errors import InvalidIdentifierError, InvalidStoreURLError
+
+    return isinstance(exc, InvalidOptionError | InvalidMessageError | InvalidIdentifierError | InvalidStoreURLError)
+
+
+def report_error(exc: BaseException, *, debug: bool = False) -> int:
+    """Print ``error: <message>`` (one line) to stderr — and the traceback with ``debug`` or ``DELTAMEM_DEBUG=1``
+    — and return the exit code: :data:`EXIT_USAGE` for an error in the command line, else :data:`EXIT_ERROR`."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if debug or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr)
+    return EXIT_USAGE if _usage_error(exc) else EXIT_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit code (see the module docstring)."""
+    from .errors import DeltaMemError
+
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    return args.func(args)
+    debug = bool(getattr(args, "debug", False) or getattr(args, "verbose", False))
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return 130
+    except BrokenPipeError:  # the reader went away (`deltamem sessions list | head`): nothing left to say
+        return EXIT_ERROR
+    except (DeltaMemError, OSError) as exc:
+        return report_error(exc, debug=debug)
 
 
 if __name__ == "__main__":

@@ -344,3 +344,146 @@ def test_sessions_list_and_show_do_not_import_torch(tmp_path):
     assert [s["session_id"] for s in json.loads(listed + "]")] == ["alice"]
     assert json.loads(shown)["turn"] == 0
     print(f"sessions list + show in a fresh process: {elapsed:.2f}s")
+
+
+# ---------------------------------------------------------------------------------------------- errors: one line
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _deltamem(*argv: str, env: dict | None = None, wrap=None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The real ``deltamem`` command (this tree's package first on the path) in a subprocess."""
+    import shutil
+
+    script = shutil.which("deltamem", path=os.path.dirname(sys.executable))
+    command = [script] if script else [sys.executable, "-m", "deltamem_agents.cli"]
+    full_env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
+                "OMP_NUM_THREADS": "1"}
+    full_env.pop("DELTAMEM_DEBUG", None)
+    for name, value in (env or {}).items():  # None unsets
+        if value is None:
+            full_env.pop(name, None)
+        else:
+            full_env[name] = value
+    argv_ = [*command, *argv]
+    return subprocess.run(wrap(argv_) if wrap else argv_, capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=REPO)
+
+
+def _one_error_line(out: subprocess.CompletedProcess, rc: int, *needles: str) -> str:
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == rc, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+#: Cases that must fail before the model loads: with the model pointed at an empty directory, a command that
+#: loaded it first would fail on that instead.
+NO_MODEL = {"DELTAMEM_MODEL_DIR": "/nonexistent/deltamem-model"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_chat_errors_are_one_line_before_the_model_loads(tmp_path):
+    db = str(tmp_path / "s.db")
+    _one_error_line(_deltamem("chat", "--session", "a b", "--message", "hi", "--store", db, env=NO_MODEL), 2,
+                    "invalid session id 'a b'")
+    _one_error_line(_deltamem("chat", "--session", "s", "--message", "", "--store", db, env=NO_MODEL), 2,
+                    "empty user message")
+    _one_error_line(_deltamem("chat", "--session", "s", "--message", "hi", "--temperature", "nan", "--store", db,
+                              env=NO_MODEL), 2, "temperature")
+    _one_error_line(_deltamem("chat", "--session", "s", "--message", "hi", "--store", "mysql://u@h/db",
+                              env=NO_MODEL), 2, "unsupported database")
+    notadb = tmp_path / "notadb.db"
+    notadb.write_text("hello, not a database\n")
+    _one_error_line(_deltamem("chat", "--session", "s", "--message", "hi", "--store", str(notadb), env=NO_MODEL),
+                    1, "not an SQLite database")
+    _one_error_line(_deltamem("sessions", "list", "--store", str(notadb)), 1, "not an SQLite database")
+    assert notadb.read_text() == "hello, not a database\n"
+
+
+def test_unreachable_postgresql_is_one_line(tmp_path):
+    url = f"postgresql://postgres@127.0.0.1:{_free_port()}/nothing"
+    for argv in (("sessions", "list", "--store", url), ("db", "upgrade", "--url", url),
+                 ("chat", "--session", "s", "--message", "hi", "--store", url)):
+        _one_error_line(_deltamem(*argv, env=NO_MODEL), 1, "cannot reach the session database", "127.0.0.1")
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    notadb = tmp_path / "notadb.db"
+    notadb.write_text("x")  # shorter than SQLite's header: SQLite alone would overwrite it
+    for out in (_deltamem("sessions", "list", "--store", str(notadb), env={"DELTAMEM_DEBUG": "1"}),
+                _deltamem("-v", "sessions", "list", "--store", str(notadb))):
+        assert out.returncode == 1 and "Traceback" in out.stderr
+        assert out.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert notadb.read_text() == "x"
+
+
+def _read_only_dir(path):
+    """``(path, wrap)``: a directory the ``deltamem`` subprocess cannot write, and how to wrap its command line.
+    Permission bits for an ordinary user; root ignores them, so for root a read-only bind mount in a private
+    mount namespace (``unshare -m``; skipped where that is not allowed)."""
+    import shutil
+
+    path.mkdir()
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        return path, None
+    if shutil.which("unshare") is None:
+        pytest.skip("running as root without unshare: no way to make a read-only directory")
+    script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
+
+    def wrap(argv):
+        return ["unshare", "-m", "sh", "-c", script, str(path), *argv]
+
+    probe = subprocess.run(wrap(["sh", "-c", f"touch {path}/probe"]), capture_output=True, text=True)
+    if probe.returncode == 0 or "Read-only" not in probe.stderr:
+        pytest.skip(f"cannot make a read-only directory here: {probe.stderr.strip()}")
+    return path, wrap
+
+
+def test_read_only_cache_dir_is_one_line(tmp_path):
+    ro, wrap = _read_only_dir(tmp_path / "ro-cache")
+    env = {"DELTAMEM_CACHE_DIR": str(ro), "DELTAMEM_MODEL_DIR": None}
+    fetch = _deltamem("model", "fetch", "--quiet", env=env, wrap=wrap)
+    _one_error_line(fetch, 1, str(ro))
+    # chat: the default store lives in the cache dir: refused before the model loads (the model is not there)
+    _one_error_line(_deltamem("chat", "--session", "s", "--message", "hi", env=env, wrap=wrap), 1, "sessions.db")
+    # with a writable store, the default KV cache directory (in the cache dir) is the problem
+    _one_error_line(_deltamem("chat", "--session", "s", "--message", "hi", "--store", str(tmp_path / "s.db"),
+                              env=env, wrap=wrap), 1, "kv-cache", "--kv-cache-dir none")
+    assert list(ro.iterdir()) == []
+
+
+@pytest.mark.embedded
+def test_importing_another_adapters_file_is_one_line(embedded, tmp_path):
+    """``sessions import`` of a file written with another adapter: one line, exit 1, nothing created."""
+    from deltamem_agents.adapter import DeltaMemConfig, attach, save_adapter
+    from deltamem_agents.engine import MemoryEngine
+
+    model, tokenizer = embedded
+    dm = attach(model, DeltaMemConfig(write_mode="ssw"))
+    try:
+        save_adapter(dm, tmp_path / "ssw-adapter")
+    finally:
+        dm.detach_adapter()
+    engine = MemoryEngine(embedded, adapter=str(tmp_path / "ssw-adapter"), store=f"sqlite:///{tmp_path}/a.db")
+    try:
+        engine.write("s", [{"role": "user", "content": "hello"}])
+        path = engine.export_session("s", tmp_path / "s.safetensors")
+    finally:
+        engine.close()
+        engine.model.detach_adapter()
+    db = tmp_path / "b.db"
+    out = _deltamem("sessions", "import", str(path), "--adapter", "none", "--store", str(db))
+    _one_error_line(out, 1, "was written with model", "adapter")
+    listed = _deltamem("sessions", "list", "--store", str(db), "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []

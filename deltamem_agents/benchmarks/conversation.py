@@ -38,6 +38,23 @@ import torch
 from ..evaluation.resources import ResourceMonitor
 from ..extras import pyplot
 
+__all__ = [
+    "ARMS",
+    "DEFAULT_CHECKPOINTS",
+    "ResumeMeasure",
+    "TurnMeasure",
+    "format_table",
+    "growth",
+    "last_over_first",
+    "plot",
+    "run_conversation_benchmark",
+    "run_online_arm",
+    "run_resume_benchmark",
+    "summarize",
+    "synthetic_conversation",
+    "write_json",
+]
+
 DEFAULT_CHECKPOINTS = (1024, 2048, 4096, 8192, 16384, 32768)
 ARMS = ("online", "online-amortised", "windowed", "full-context")
 

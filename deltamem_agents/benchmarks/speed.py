@@ -19,6 +19,13 @@ import torch
 from ..adapter import DeltaMemConfig, DeltaMemModel, attach
 from ..models.kv_cache import CacheNotUsedError, cache_argument, cache_length, forward_with_cache, new_cache
 
+__all__ = [
+    "SpeedResult",
+    "format_table",
+    "run_speed_benchmark",
+    "write_json",
+]
+
 
 @dataclass
 class SpeedResult:

@@ -17,6 +17,16 @@ from dataclasses import dataclass
 from ..store import WindowMessage, WrittenMessage, open_store
 from ..store.base import TensorBlob
 
+__all__ = [
+    "LoadByLength",
+    "StoreLatency",
+    "format_length_table",
+    "format_table",
+    "main",
+    "measure_load_by_length",
+    "measure_store",
+]
+
 
 @dataclass
 class StoreLatency:

@@ -27,6 +27,11 @@ from typing import Any
 
 import torch
 
+__all__ = [
+    "main",
+    "run",
+]
+
 
 def run(rounds: int = 3, steps: int = 2, threads: int | None = 1, ladder_adapter: dict | None = None,
         contexts_per_step: int = 16) -> dict[str, Any]:

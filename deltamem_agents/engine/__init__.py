@@ -24,12 +24,15 @@ _EXPORTS = {
     "CorruptStateError": ".errors",
     "EngineError": ".errors",
     "FingerprintMismatchError": ".errors",
+    "HistoryConflictError": ".errors",
     "InvalidMessageError": ".errors",
+    "InvalidOptionError": ".errors",
     "InvalidStateError": ".errors",
     "MessageTooLongError": ".errors",
     "PortableFormatError": ".errors",
     "SessionExistsError": ".errors",
     "SessionNotFoundError": ".errors",
+    "TooManyMessagesError": ".errors",
     "Message": ".messages",
     "normalize_messages": ".messages",
     "ChatChunk": ".results",
@@ -49,35 +52,43 @@ __all__ = [
     "CorruptStateError",
     "EngineError",
     "FingerprintMismatchError",
+    "HistoryConflictError",
     "InvalidMessageError",
+    "InvalidOptionError",
     "InvalidStateError",
     "KVCacheStats",
     "MemoryEngine",
-    "MessageTooLongError",
     "Message",
+    "MessageTooLongError",
     "PortableFormatError",
     "SamplingParams",
     "SessionExistsError",
     "SessionNotFoundError",
+    "TooManyMessagesError",
     "Usage",
     "WriteResult",
     "normalize_messages",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import MODES, MemoryEngine
+    from .engine import DEFAULT_SAMPLING, MODES, MemoryEngine
     from .errors import (
         ConcurrentUpdateError,
         ContextLengthError,
         CorruptStateError,
         EngineError,
         FingerprintMismatchError,
+        HistoryConflictError,
         InvalidMessageError,
+        InvalidOptionError,
         InvalidStateError,
+        MessageTooLongError,
         PortableFormatError,
         SessionExistsError,
         SessionNotFoundError,
+        TooManyMessagesError,
     )
+    from .kv_pool import KVCacheStats
     from .messages import Message, normalize_messages
     from .results import ChatChunk, ChatResult, Usage, WriteResult
     from .sampling import SamplingParams

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import os
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 __all__ = ["register"]
@@ -224,9 +227,45 @@ def _kv_cache_dir(args: argparse.Namespace) -> str | None:
     return None if args.kv_cache_dir.lower() in ("", "none") else args.kv_cache_dir
 
 
+def _check_chat(args: argparse.Namespace) -> None:
+    """Everything ``chat`` can check before the model loads (seconds): the session id and namespace, the
+    message and system text, the option values, the store (it must answer) and the KV cache directory (it must be
+    writable). Raises the typed errors the engine would raise later (or ``OSError`` for the directory)."""
+    from ..store.base import validate_identifier
+    from .messages import normalize_message
+    from .options import check_int, check_seed, finite
+
+    validate_identifier(args.session, "session id")
+    validate_identifier(args.namespace, "namespace")
+    if args.message is not None:
+        normalize_message({"role": "user", "content": args.message})
+    if args.system:
+        normalize_message({"role": "system", "content": args.system})
+    check_int("max_new_tokens", args.max_new_tokens, 0)
+    check_int("window_tokens", args.window_tokens, 0)
+    if args.kv_tokens is not None:
+        check_int("kv_tokens", args.kv_tokens, 64)
+    finite("temperature", args.temperature, low=0, low_open=False)
+    finite("top_p", args.top_p, low=0, low_open=True, high=1, high_open=False)
+    finite("repetition_penalty", args.repetition_penalty, low=0, low_open=True)
+    check_seed(args.seed)
+    _open_store(args).close()  # the store answers and is a session database (else StoreUnavailableError)
+    kv_dir = _kv_cache_dir(args)
+    if kv_dir is not None:
+        path = Path(kv_dir).expanduser()
+        hint = "cannot use the KV cache directory (--kv-cache-dir none keeps no cache files)"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{hint}: {exc.strerror}", str(path)) from exc
+        if not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, f"{hint}: not writable", str(path))
+
+
 def _cmd_chat(args: argparse.Namespace) -> int:
     from ..cli import apply_threads
 
+    _check_chat(args)  # before the model loads: a typo costs no model load
     thinking = _Thinking()
     engine = None
     try:
@@ -282,53 +321,58 @@ def _print(obj: Any, as_json: bool) -> None:
 
 
 def _cmd_sessions(args: argparse.Namespace) -> int:
-    from ..store.base import StoreError
-
+    """``deltamem sessions …``; errors are reported by :func:`deltamem_agents.cli.main` (one line, exit code)."""
     action = args.action
-    try:
-        if action in ("export", "import"):
-            engine = _engine(args)
-            try:
-                if action == "export":
-                    path = engine.export_session(args.session, args.path, namespace=args.namespace, turn=args.turn)
-                    print(path)
-                else:
-                    _print(_info_dict(engine.import_session(args.path, args.session, namespace=args.namespace)),
-                           args.json)
-            finally:
-                engine.close()
-            return 0
-        store = _open_store(args)
-        ns = args.namespace
+    if action in ("export", "import"):
+        engine = _engine(args)
         try:
-            if action == "list":
-                infos = store.list_sessions(namespace=None if args.all else ns, limit=args.limit)
-                _print([_info_dict(i) for i in infos], args.json)
-            elif action == "show":
-                st = store.stats(args.session, namespace=ns)
-                data = store.load(args.session, namespace=ns)
-                out = _info_dict(st.info) | {
-                    "snapshots": st.turns, "written_messages": st.written_messages,
-                    "written_tokens": st.written_tokens, "state_bytes": st.state_bytes,
-                    "stored_bytes": st.stored_bytes,
-                    "window": [f"[{w.index}] {w.role}: {w.content[:80]}" for w in data.window],
-                }
-                _print(out, args.json)
-            elif action == "fork":
-                _print(_info_dict(store.fork(args.session, args.new_session, namespace=ns, turn=args.turn)), args.json)
-            elif action == "rollback":
-                _print(_info_dict(store.rollback(args.session, namespace=ns, turn=args.turn)), args.json)
-            elif action == "reset":
-                _print(_info_dict(store.reset(args.session, namespace=ns)), args.json)
-            elif action == "delete":
-                store.delete(args.session, namespace=ns)
-                print(f"deleted {ns}/{args.session}")
+            if action == "export":
+                path = engine.export_session(args.session, args.path, namespace=args.namespace, turn=args.turn)
+                print(path)
+            else:
+                _print(_info_dict(engine.import_session(args.path, args.session, namespace=args.namespace)),
+                       args.json)
         finally:
-            store.close()
-    except (StoreError, ValueError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+            engine.close()
+        return 0
+    store = _open_store(args)
+    ns = args.namespace
+    try:
+        if action == "list":
+            infos = store.list_sessions(namespace=None if args.all else ns, limit=args.limit)
+            _print([_info_dict(i) for i in infos], args.json)
+        elif action == "show":
+            st = store.stats(args.session, namespace=ns)
+            data = store.load(args.session, namespace=ns)
+            out = _info_dict(st.info) | {
+                "snapshots": st.turns, "written_messages": st.written_messages,
+                "written_tokens": st.written_tokens, "state_bytes": st.state_bytes,
+                "stored_bytes": st.stored_bytes,
+                "window": [f"[{w.index}] {w.role}: {w.content[:80]}" for w in data.window],
+            }
+            _print(out, args.json)
+        elif action == "fork":
+            _print(_info_dict(store.fork(args.session, args.new_session, namespace=ns, turn=args.turn)), args.json)
+        elif action == "rollback":
+            _print(_info_dict(store.rollback(args.session, namespace=ns, turn=args.turn)), args.json)
+        elif action == "reset":
+            _print(_info_dict(store.reset(args.session, namespace=ns)), args.json)
+        elif action == "delete":
+            store.delete(args.session, namespace=ns)
+            print(f"deleted {ns}/{args.session}")
+    finally:
+        store.close()
     return 0
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -379,21 +423,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = add("list", "list sessions (most recently updated first)")
     p.add_argument("--all", action="store_true", help="all namespaces")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--limit", type=_non_negative, default=100)
     add("show", "a session's header, sizes and window").add_argument("session")
     p = add("fork", "copy a session to a new id")
     p.add_argument("session")
     p.add_argument("new_session")
-    p.add_argument("--turn", type=int, default=None, help="fork as of this turn (default: latest)")
+    p.add_argument("--turn", type=_non_negative, default=None, help="fork as of this turn (default: latest)")
     p = add("rollback", "go back to a turn (later turns are dropped)")
     p.add_argument("session")
-    p.add_argument("turn", type=int)
+    p.add_argument("turn", type=_non_negative)
     add("reset", "forget everything the session holds").add_argument("session")
     add("delete", "delete a session and everything it owns").add_argument("session")
     p = add("export", "write a session to a portable .safetensors file", model=True)
     p.add_argument("session")
     p.add_argument("path")
-    p.add_argument("--turn", type=int, default=None)
+    p.add_argument("--turn", type=_non_negative, default=None)
     p = add("import", "create a session from an exported file", model=True)
     p.add_argument("path")
     p.add_argument("--session", default=None, help="new session id (default: the exported id)")

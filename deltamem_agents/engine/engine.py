@@ -4,11 +4,12 @@ The engine is a façade: the session store keeps sessions, :mod:`.session` recon
 was written, :mod:`.turns` runs the call in its mode, :mod:`.generation` decodes. How a turn runs (``chat`` /
 ``stream``; ``write`` is the same without the prompt and the generation):
 
-1. Validate every message (role, content, size) and the generation options — errors here change nothing.
-2. Under the session's lock, load the latest snapshot (creating the session if needed) and check its
-   fingerprints; reconcile the call's messages with the written record: already-written messages are skipped,
-   new ones will be written, a diverging history rolls back to the latest snapshot before the divergence and
-   replays the rest.
+1. Validate every message (role, content, size, count) and every option — errors here change nothing.
+2. Under the session's lock, load the latest snapshot (a missing session is the fresh one; it is created by the
+   commit) and check its fingerprints; reconcile the call's messages with the written record
+   (:mod:`.session`): already-written messages are skipped, new ones will be written, a diverging history is a
+   :class:`HistoryConflictError` (``on_divergence="reject"``, the default) or rolls back to the latest snapshot
+   before the divergence and replays the rest (``"rollback"``) — decided before anything is generated.
 3. The mode builds the prompt and writes the messages (:mod:`.turns`): ``online`` (default) continues the
    session's hot KV cache and writes each new message as it passes; ``windowed``/``state-only`` prompt with
    text and write each message on its own after generation.
@@ -16,8 +17,9 @@ was written, :mod:`.turns` runs the call in its mode, :mod:`.generation` decodes
    Decode steps are the session's own forward calls, or (``batch_decode=True``) batched with the steps of other
    sessions generating at the same time (:mod:`.decode_batcher`).
 5. Commit state, new records and window with the version read in 2 — a turn is two store transactions, load
-   and commit. On a concurrent update, reload and write again (the reply is kept, not regenerated), a bounded
-   number of times. Only after the commit does the mode keep its KV cache for the next turn.
+   and commit. On a concurrent update, reload, plan again with the same rules and write again (the reply is
+   kept, not regenerated), a bounded number of times. Only after the commit does the mode keep its KV cache for
+   the next turn.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import os
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +53,24 @@ from ..store.base import (
 from .batching import ModelRunner
 from .decode_batcher import BatchStats, DecodeBatcher
 from .decode_group import model_can_batch
-from .errors import FingerprintMismatchError, InvalidMessageError, MessageTooLongError
+from .errors import (
+    FingerprintMismatchError,
+    HistoryConflictError,
+    InvalidMessageError,
+    InvalidOptionError,
+    MessageTooLongError,
+    TooManyMessagesError,
+)
 from .generation import generate
 from .kv_files import KVCacheFiles
 from .kv_pool import KVCachePool, KVCacheStats
 from .messages import Message, normalize_message, normalize_messages
+from .options import check_bool, check_choice, check_int, check_max_new_tokens, check_stop, check_tools
 from .rendering import ChatRenderer
 from .results import ChatChunk, ChatResult, Usage, WriteResult
 from .sampling import SamplingParams
 from .serialization import blobs_to_state, state_to_blobs
-from .session import HISTORY_STYLES, plan_turn
+from .session import DIVERGENCE_POLICIES, HISTORY_STYLES, TurnPlan, plan_turn
 from .tool_calls import ParsedReply, ToolCallFormat, detect_tool_format
 from .turns import GenOptions, OnlineTurns, Prepared, StateOnlyTurns, TurnMode, TurnWork, WindowedTurns
 from .window import HistoryItem
@@ -75,7 +87,22 @@ _MODE_ALIASES = {"state_only": "state-only", "stateonly": "state-only"}
 #: ``temperature=0`` stays available and deterministic.
 DEFAULT_SAMPLING = SamplingParams(temperature=0.2, top_p=0.9, repetition_penalty=1.1)
 DEFAULT_MAX_NEW_TOKENS = 512
+#: Most messages one call may carry unless ``max_messages_per_call`` says otherwise.
+DEFAULT_MAX_MESSAGES_PER_CALL = 1000
 _UNSET: Any = object()
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What one call asks of its session, as validated: planned again with the same rules after a concurrent
+    commit."""
+
+    session_id: str
+    namespace: str
+    style: str
+    on_divergence: str
+    expected_version: int | None
+    create_if_missing: bool
 
 
 class MemoryEngine:
@@ -107,7 +134,14 @@ class MemoryEngine:
         namespace: default namespace (tenant) of the session operations.
         tokenizer: the tokenizer, when ``model`` is a model object rather than a pair.
         history: default reconciliation style, ``"auto"``, ``"full"`` or ``"append"`` (see :mod:`.session`).
-        max_retries: how many times a turn is written again after a concurrent update before giving up.
+        on_divergence: default for a history that diverges from what the session holds: ``"reject"``
+            (:class:`HistoryConflictError`, nothing written) or ``"rollback"`` (roll back and replay the call's
+            history: edits and "regenerate" of a single client). See ``docs/engine.md``, "Several clients on
+            one session".
+        max_messages_per_call: a call with more messages is refused (:class:`TooManyMessagesError`) before any
+            work.
+        max_retries: how many times a turn is planned and written again after a concurrent update before giving
+            up.
         batch_decode: run the decode steps of sessions generating at the same time as one batched forward
             (continuous batching; an extension, off by default). Each session then equals running alone within
             a floating-point tolerance, not bitwise; it pays on a GPU with many concurrent sessions
@@ -136,33 +170,39 @@ class MemoryEngine:
         namespace: str = DEFAULT_NAMESPACE,
         tokenizer: Any = None,
         history: str = "auto",
+        on_divergence: str = "reject",
+        max_messages_per_call: int = DEFAULT_MAX_MESSAGES_PER_CALL,
         max_retries: int = 3,
         batch_decode: bool = False,
         batch_max_rows: int = 16,
     ) -> None:
         self.default_mode = _check_mode(mode)
-        _check_int("window_tokens", window_tokens, 0)
-        _check_int("max_message_tokens", max_message_tokens, 1)
-        _check_int("max_new_tokens", max_new_tokens, 0)
-        _check_int("kv_cache_bytes", kv_cache_bytes, 0)
-        _check_int("kv_cache_dir_bytes", kv_cache_dir_bytes, 0)
+        check_int("window_tokens", window_tokens, 0)
+        check_int("max_message_tokens", max_message_tokens, 1)
+        check_int("max_new_tokens", max_new_tokens, 0)
+        check_int("kv_cache_bytes", kv_cache_bytes, 0)
+        check_int("kv_cache_dir_bytes", kv_cache_dir_bytes, 0)
+        check_int("max_messages_per_call", max_messages_per_call, 1)
+        check_int("max_retries", max_retries, 0)
         if kv_tokens is not None:
-            _check_int("kv_tokens", kv_tokens, 64)
+            check_int("kv_tokens", kv_tokens, 64)
         if isinstance(kv_retain, bool) or not isinstance(kv_retain, int | float) or not 0 <= kv_retain < 1:
-            raise ValueError(f"kv_retain must be in [0, 1), got {kv_retain!r}")
-        if history not in HISTORY_STYLES:
-            raise ValueError(f"history must be one of {HISTORY_STYLES}, got {history!r}")
+            raise InvalidOptionError("kv_retain", f"kv_retain must be in [0, 1), got {kv_retain!r}")
+        history = check_choice("history", history, HISTORY_STYLES)
+        on_divergence = check_choice("on_divergence", on_divergence, DIVERGENCE_POLICIES)
         if not isinstance(batch_decode, bool):
             raise TypeError(f"batch_decode must be True or False, got {batch_decode!r}")
-        _check_int("batch_max_rows", batch_max_rows, 1)
+        check_int("batch_max_rows", batch_max_rows, 1)
         if sampling is not None and not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
         self.window_tokens = window_tokens
         self.max_message_tokens = max_message_tokens
         self.max_new_tokens = max_new_tokens
+        self.max_messages_per_call = max_messages_per_call
         self.sampling = sampling or DEFAULT_SAMPLING
         self.namespace = validate_identifier(namespace, "namespace")
         self.history = history
+        self.on_divergence = on_divergence
         self.max_retries = max_retries
 
         self.model, self._tokenizer, self._model_name = resolve_model(model, adapter, tokenizer, device, dtype)
@@ -376,27 +416,32 @@ class MemoryEngine:
         namespace: str | None = None,
         mode: str | None = None,
         history: str | None = None,
+        on_divergence: str | None = None,
+        expected_version: int | None = None,
         create_if_missing: bool = True,
     ) -> WriteResult:
-        """Write messages into the session's state without generating (idempotent: see ``docs/engine.md``)."""
-        ns, mode_ = self._ns(namespace), _check_mode(mode or self.default_mode)
-        style = _check_style(history or self.history)
+        """Write messages into the session's state without generating (idempotent: see ``docs/engine.md``).
+        Options as :meth:`stream`."""
+        call = self._call(session_id, namespace, history, on_divergence, expected_version, create_if_missing)
+        mode_ = _check_mode(mode or self.default_mode)
         msgs, counts = self._validate(messages)
         runner = self._modes[mode_]
-        with self._session_lock(ns, session_id):
-            prep = self._prepare(session_id, ns, msgs, counts, style, create_if_missing)
+        with self._session_lock(call.namespace, session_id):
+            prep = self._prepare(call, msgs, counts)
             if not prep.plan.new and not prep.plan.replayed:
-                return WriteResult(session_id, ns, prep.data.info.turn, 0, 0)
-            work = runner.begin((ns, session_id), prep, None)
+                return WriteResult(session_id, call.namespace, prep.data.info.turn, 0, 0,
+                                   version=prep.data.info.version or None)
+            work = runner.begin((call.namespace, session_id), prep, None)
             try:
                 runner.write_new(work)
-                info, work = self._commit(runner, work, prep.plan.history, msgs, counts)
+                info, work = self._commit(runner, work, prep.plan.history, msgs, counts, call)
             except BaseException:
                 runner.abandon(work)
                 raise
+        plan = work.prep.plan  # the plan that was committed (planned again after a concurrent commit)
         return WriteResult(
-            session_id, ns, info.turn, len(work.written), sum(w.tokens for w in work.written),
-            prep.plan.replayed, prep.plan.base_turn if prep.plan.replayed else None,
+            session_id, call.namespace, info.turn, len(work.written), sum(w.tokens for w in work.written),
+            plan.replayed, plan.base_turn if plan.replayed else None, version=info.version,
         )
 
     def chat(self, session_id: str, messages: Any, **kwargs: Any) -> ChatResult:
@@ -424,26 +469,32 @@ class MemoryEngine:
         seed: int | None = None,
         tools: Any = None,
         history: str | None = None,
+        on_divergence: str | None = None,
+        expected_version: int | None = None,
         create_if_missing: bool = True,
         _cancelled: threading.Event | None = None,
     ) -> Iterator[ChatChunk]:
         """Stream the answer as text deltas; the last chunk carries ``finish_reason``, ``usage`` and ``result``.
 
         Generation options left as ``None`` take the engine's defaults (``max_new_tokens``, ``sampling``);
-        ``temperature=0`` is greedy and deterministic. Messages and options are validated here, eagerly (before
-        the first ``next()``). The turn is committed when the last chunk is produced; a stream closed early
-        commits nothing (nothing is written, the session is unchanged). The session stays locked while the
+        ``temperature=0`` is greedy and deterministic. ``history`` (``"auto"``, ``"full"``, ``"append"``) says
+        how the messages relate to what the session holds, ``on_divergence`` (``"reject"``, ``"rollback"``)
+        what a diverging history does, ``expected_version`` (the session version the caller last saw) makes
+        the call conditional: if the session moved past it, :class:`HistoryConflictError`.
+
+        Messages and options are validated here, eagerly (before the first ``next()``): a refused option is an
+        :class:`InvalidOptionError`, a refused message an :class:`InvalidMessageError`, and nothing is created.
+        The turn is committed when the last chunk is produced; a stream closed early commits nothing (nothing
+        is written, the session is unchanged, a new session is not created). The session stays locked while the
         stream is open.
         """
-        ns, mode_ = self._ns(namespace), _check_mode(mode or self.default_mode)
+        call = self._call(session_id, namespace, history, on_divergence, expected_version, create_if_missing)
+        mode_ = _check_mode(mode or self.default_mode)
         if max_new_tokens is None:
             max_new_tokens = self.max_new_tokens
-        _check_int("max_new_tokens", max_new_tokens, 0)
-        stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list | tuple) else stop
-        if stops is None:
-            stops = ()
-        if not isinstance(stops, tuple) or not all(isinstance(s, str) and s for s in stops):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+        check_max_new_tokens(max_new_tokens, self.context_window)
+        stops = check_stop(stop)
+        tools = check_tools(tools)
         d = self.sampling
         params = SamplingParams(
             d.temperature if temperature is None else temperature,
@@ -453,9 +504,8 @@ class MemoryEngine:
             d.repetition_penalty if repetition_penalty is None else repetition_penalty,
         )
         gen = GenOptions(max_new_tokens, params, stops, tools)
-        style = _check_style(history or self.history)
         msgs, counts = self._validate(messages)
-        return self._stream(session_id, ns, mode_, msgs, counts, gen, style, create_if_missing, _cancelled)
+        return self._stream(call, mode_, msgs, counts, gen, _cancelled)
 
     async def achat(self, session_id: str, messages: Any, **kwargs: Any) -> ChatResult:
         """:meth:`chat` in a worker thread (the event loop stays free)."""
@@ -516,10 +566,29 @@ class MemoryEngine:
         if self._kv_files is not None:
             self._kv_files.save(key, context)
 
+    def _call(self, session_id: Any, namespace: str | None, history: str | None, on_divergence: str | None,
+              expected_version: Any, create_if_missing: Any) -> _Call:
+        """Validate what a call asks of its session (before anything is loaded or created)."""
+        if expected_version is not None:
+            check_int("expected_version", expected_version, 0)
+        return _Call(
+            validate_identifier(session_id, "session id"), self._ns(namespace),
+            _check_style(self.history if history is None else history),
+            check_choice("on_divergence", self.on_divergence if on_divergence is None else on_divergence,
+                         DIVERGENCE_POLICIES),
+            expected_version, check_bool("create_if_missing", create_if_missing),
+        )
+
     def _validate(self, messages: Any) -> tuple[list[Message], list[int]]:
+        limit = self.max_messages_per_call
+        if isinstance(messages, list | tuple) and len(messages) > limit:  # before looking at any of them
+            raise TooManyMessagesError(f"{len(messages)} messages in one call, more than max_messages_per_call="
+                                       f"{limit}")
         msgs = normalize_messages(messages)
         if not msgs:
             raise InvalidMessageError("no messages given")
+        if len(msgs) > limit:
+            raise TooManyMessagesError(f"{len(msgs)} messages in one call, more than max_messages_per_call={limit}")
         counts = []
         for i, m in enumerate(msgs):
             n = len(self.renderer.message_ids(m))
@@ -542,29 +611,51 @@ class MemoryEngine:
                 f"(fingerprint {info.adapter_fingerprint[:12]}…, this engine's {self._fingerprints['adapter'][:12]}…)"
             )
 
-    def _load(self, session_id: str, ns: str, create_if_missing: bool) -> SessionData:
-        """The latest snapshot; a missing session is created (one transaction) and is the fresh session."""
+    def _load(self, call: _Call) -> SessionData:
+        """The latest snapshot. A missing session (with ``create_if_missing``) is the fresh session, version 0,
+        **not created**: the call's commit creates it, so a call that fails before its commit leaves nothing."""
         try:
-            data = self.store.load(session_id, namespace=ns)
+            data = self.store.load(call.session_id, namespace=call.namespace)
         except SessionNotFoundError:
-            if not create_if_missing:
+            if not call.create_if_missing:
                 raise
-            try:
-                info = self.create_session(session_id, namespace=ns)
-            except SessionExistsError:  # created meanwhile by another process
-                data = self.store.load(session_id, namespace=ns)
-            else:
-                data = SessionData(info, 0, [], [], [])
+            now = datetime.now(UTC)
+            info = SessionInfo(call.session_id, call.namespace, self._fingerprints["model"],
+                               self._fingerprints["adapter"], 0, 0, now, now)
+            return SessionData(info, 0, [], [], [])
         self._check_fingerprints(data.info)
         return data
 
-    def _prepare(self, session_id: str, ns: str, msgs: list[Message], counts: list[int], style: str,
-                 create_if_missing: bool) -> Prepared:
-        data = self._load(session_id, ns, create_if_missing)
-        plan = plan_turn(style, msgs, counts, data.record,
+    def _prepare(self, call: _Call, msgs: list[Message], counts: list[int]) -> Prepared:
+        """Load and plan; a record that changed while it was being read is planned again (bounded)."""
+        attempt = 0
+        while True:
+            try:
+                return self._plan(call, msgs, counts)
+            except HistoryConflictError:
+                raise
+            except ConcurrentUpdateError:
+                attempt += 1
+                if attempt > self.max_retries:
+                    raise
+                logger.info("session %s/%s changed while planning; planning again (attempt %d)",
+                            call.namespace, call.session_id, attempt)
+
+    def _plan(self, call: _Call, msgs: list[Message], counts: list[int]) -> Prepared:
+        """One load and plan of ``msgs`` against the session as committed now (see :mod:`.session`). Raises
+        :class:`HistoryConflictError` before anything is generated or written when the history diverges under
+        ``on_divergence="reject"``, or the session is not at ``expected_version``."""
+        session_id, ns = call.session_id, call.namespace
+        data = self._load(call)
+        plan = plan_turn(call.style, msgs, counts, data.record,
                          lambda: self.store.list_turns(session_id, namespace=ns), data.info.turn, data.window,
                          full_record=lambda: self.store.load(session_id, namespace=ns, turn=data.turn,
-                                                             full_record=True).written)
+                                                             full_record=True).written,
+                         on_divergence=call.on_divergence)
+        if call.expected_version is not None and data.info.version != call.expected_version:
+            raise self._conflict(call, data, plan, moved=True)
+        if plan.conflict:
+            raise self._conflict(call, data, plan)
         if plan.base_turn == data.turn:
             blobs = data.state
         elif plan.base_turn >= 0:  # a replay: the snapshot before the divergence
@@ -573,6 +664,28 @@ class MemoryEngine:
             blobs = []
         # Deserialise (and check finiteness / layout) before anything is generated or written.
         return Prepared(data, plan, blobs_to_state(blobs, self.model))
+
+    @staticmethod
+    def _conflict(call: _Call, data: SessionData, plan: TurnPlan, *, moved: bool = False,
+                  version: int | None = None) -> HistoryConflictError:
+        info, n = data.info, plan.committed
+        version = info.version if version is None else version
+        agreed = plan.diverged_at if plan.diverged_at is not None else n
+        where = f"session {info.namespace}/{info.session_id} (version {version})"
+        if moved:
+            reason = (f"{where} is not at expected_version={call.expected_version}: it changed since the caller "
+                      "last saw it")
+        else:
+            reason = (f"{where} holds {n - agreed} committed message(s) that this call's history does not have at "
+                      f"their position (the history agrees with the first {agreed} of {n}): another client wrote "
+                      "to the session after this caller's last view, or the history was edited or cut")
+        advice = ("reload the session and send the call again" if moved else "reload the session, send only the "
+                  "new messages (history='append'), or pass on_divergence='rollback' to replace what it holds")
+        return HistoryConflictError(
+            f"{reason}; nothing was written: {advice}",
+            namespace=info.namespace, session_id=info.session_id, version=version, common_prefix=agreed,
+            missing=n - agreed, expected_version=call.expected_version,
+        )
 
     def _full_context_tokens(self, prep: Prepared) -> int:
         plan = prep.plan
@@ -583,12 +696,12 @@ class MemoryEngine:
         head = len(self.renderer.continuation_ids([], [first.message])) if first is not None else 0
         return head + earlier + new + len(self.renderer.generation_header_ids)
 
-    def _stream(self, session_id: str, ns: str, mode: str, msgs: list[Message], counts: list[int],
-                gen: GenOptions, style: str, create_if_missing: bool,
+    def _stream(self, call: _Call, mode: str, msgs: list[Message], counts: list[int], gen: GenOptions,
                 cancelled: threading.Event | None) -> Iterator[ChatChunk]:
         runner = self._modes[mode]
+        session_id, ns = call.session_id, call.namespace
         with self._session_lock(ns, session_id):
-            prep = self._prepare(session_id, ns, msgs, counts, style, create_if_missing)
+            prep = self._prepare(call, msgs, counts)
             plan = prep.plan
             work = runner.begin((ns, session_id), prep, gen)
             try:
@@ -614,23 +727,25 @@ class MemoryEngine:
                 reply_item = HistoryItem(plan.history[-1].index + 1, reply, len(self.renderer.message_ids(reply)))
                 runner.write_reply(work, prompt, reply_item)
                 info, work = self._commit(runner, work, [*plan.history, reply_item], [*msgs, reply],
-                                          [*counts, reply_item.tokens])
+                                          [*counts, reply_item.tokens], call)
             except BaseException:  # an error, or the stream closed early (GeneratorExit): nothing is kept
                 runner.abandon(work)
                 raise
+            committed = work.prep.plan  # the plan that was committed (planned again after a concurrent commit)
             usage = Usage(
                 prompt_tokens=prompt.prompt_tokens,
                 completion_tokens=final.tokens,
                 written_tokens=sum(w.tokens for w in work.written),
-                full_context_tokens=self._full_context_tokens(prep),
+                full_context_tokens=self._full_context_tokens(work.prep),
                 cached_tokens=prompt.cached_tokens,
             )
             finish = "tool_calls" if parsed.tool_calls and final.finish_reason == "stop" else final.finish_reason
             result = ChatResult(
                 text=final.full_text, finish_reason=finish, usage=usage, session_id=session_id,
-                namespace=ns, turn=info.turn, replayed=plan.replayed,
-                rolled_back_to=plan.base_turn if plan.replayed else None, written_messages=len(work.written),
-                mode=mode, kv_cache=work.kv, content=parsed.content, tool_calls=parsed.tool_calls,
+                namespace=ns, turn=info.turn, replayed=committed.replayed,
+                rolled_back_to=committed.base_turn if committed.replayed else None,
+                written_messages=len(work.written), mode=mode, kv_cache=work.kv, content=parsed.content,
+                tool_calls=parsed.tool_calls, version=info.version,
             )
         yield ChatChunk(final.text, session_id, finish_reason=finish, usage=usage, result=result)
 
@@ -650,57 +765,83 @@ class MemoryEngine:
                                   "tool_calls": [c.to_openai() for c in parsed.tool_calls]})
 
     def _commit(self, runner: TurnMode, work: TurnWork, history: list[HistoryItem], all_msgs: list[Message],
-                all_counts: list[int]) -> tuple[SessionInfo, TurnWork]:
-        """Commit a turn; on a concurrent update reload and write ``all_msgs`` again on the fresh session.
-        Returns the committed session header and the work that was committed."""
-        ns, session_id = work.key
+                all_counts: list[int], call: _Call) -> tuple[SessionInfo, TurnWork]:
+        """Commit a turn. When another writer committed first (the store's optimistic version), plan the call
+        again — ``all_msgs`` (the call's messages and the reply) with the same rules — against what is committed
+        now, write it and commit again, up to ``max_retries`` times: an append follows the other writer's
+        messages, a full history that now diverges is a :class:`HistoryConflictError` (or, with
+        ``on_divergence="rollback"``, a replay that the result reports). With ``expected_version`` nothing is
+        planned again: the session moved past it, a conflict. Returns the committed header and the committed
+        work (its ``prep.plan`` is what was done)."""
         attempt = 0
         while True:
-            prep = work.prep
             blobs = state_to_blobs(work.state)
             window = runner.window(work, history)
             try:
-                base_turn = prep.plan.base_turn
-                version = prep.data.info.version
-                if base_turn < 0:  # replay from nothing: every old-enough snapshot was pruned
-                    version = self.store.reset(session_id, namespace=ns, expected_version=version).version
-                    base_turn = 0
-                info = self.store.commit(
-                    session_id, namespace=ns, expected_version=version, state=blobs,
-                    written=work.written, window=window, base_turn=base_turn,
-                )
+                info = self._store_turn(call, work.prep, blobs, work.written, window)
+            except ConcurrentUpdateError as exc:
+                runner.abandon(work)
+                if call.expected_version is not None:  # the session moved past the version the caller saw
+                    try:
+                        now = self.store.get(call.session_id, namespace=call.namespace).version
+                    except Exception:  # noqa: BLE001 - only used for the error's details
+                        now = work.prep.data.info.version
+                    raise self._conflict(call, work.prep.data, work.prep.plan, moved=True, version=now) from exc
+                lost = exc
+            else:
                 runner.committed(work, info, blobs)
                 return info, work
-            except ConcurrentUpdateError:
-                runner.abandon(work)
+            prep = None
+            while prep is None:
                 attempt += 1
                 if attempt > self.max_retries:
+                    raise lost
+                logger.info("session %s/%s changed concurrently; planning and writing again (attempt %d)",
+                            call.namespace, call.session_id, attempt)
+                try:
+                    prep = self._plan(call, all_msgs, all_counts)
+                except HistoryConflictError:
                     raise
-                logger.info("session %s/%s changed concurrently; writing again (attempt %d)", ns, session_id, attempt)
-                # In append style the call's messages (and reply) follow whatever the other writer added.
-                prep = self._prepare(session_id, ns, all_msgs, all_counts, prep.plan.style, False)
-                if not prep.plan.new and not prep.plan.replayed:
-                    return prep.data.info, TurnWork(work.key, prep, prep.state)
-                work = runner.begin(work.key, prep, None)
-                runner.write_new(work)
-                history = prep.plan.history
+                except ConcurrentUpdateError as exc:  # changed again while planning: one more attempt
+                    lost = exc
+            if not prep.plan.new and not prep.plan.replayed:
+                return prep.data.info, TurnWork(work.key, prep, prep.state)
+            work = runner.begin(work.key, prep, None)
+            runner.write_new(work)
+            history = prep.plan.history
+
+    def _store_turn(self, call: _Call, prep: Prepared, blobs: list, written: list, window: list) -> SessionInfo:
+        """The store transactions of a commit: create the session first when the call found none (its version
+        0); a replay from nothing resets first. A session this call created is deleted again when its commit
+        fails for any reason but a concurrent update (then another writer's turn is in it)."""
+        session_id, ns = call.session_id, call.namespace
+        version, base_turn = prep.data.info.version, prep.plan.base_turn
+        created = False
+        if version == 0:
+            try:
+                version = self.create_session(session_id, namespace=ns).version
+            except SessionExistsError as exc:  # created meanwhile by another writer: plan against it
+                raise ConcurrentUpdateError(f"session {ns}/{session_id} was created by another writer") from exc
+            created = True
+        try:
+            if base_turn < 0:  # replay from nothing: every old-enough snapshot was pruned
+                version = self.store.reset(session_id, namespace=ns, expected_version=version).version
+                base_turn = 0
+            return self.store.commit(session_id, namespace=ns, expected_version=version, state=blobs,
+                                     written=written, window=window, base_turn=base_turn)
+        except ConcurrentUpdateError:
+            raise
+        except BaseException:
+            if created:
+                with contextlib.suppress(Exception):
+                    self.store.delete(session_id, namespace=ns)
+            raise
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 def _check_mode(mode: str) -> str:
-    mode = _MODE_ALIASES.get(mode, mode)
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
+    return check_choice("mode", mode, MODES, _MODE_ALIASES)
 
 
 def _check_style(style: str) -> str:
-    if style not in HISTORY_STYLES:
-        raise ValueError(f"history must be one of {HISTORY_STYLES}, got {style!r}")
-    return style
-
-
-def _check_int(name: str, value: Any, least: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
-
+    return check_choice("history", style, HISTORY_STYLES)

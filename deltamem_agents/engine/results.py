@@ -60,6 +60,7 @@ class ChatResult:
             are no calls. See :mod:`.tool_calls`.
         tool_calls: the calls parsed from the reply (only when ``tools`` were given and the chat template has a
             call format); the reply is written as an assistant message with these ``tool_calls``.
+        version: the session's version after the commit (what ``expected_version`` of the next call names).
     """
 
     text: str
@@ -75,6 +76,7 @@ class ChatResult:
     kv_cache: str | None = None
     content: str | None = None
     tool_calls: tuple[ToolCall, ...] = ()
+    version: int | None = None
 
     def __post_init__(self) -> None:
         if not self.tool_calls and self.content is None:
@@ -104,3 +106,4 @@ class WriteResult:
     written_tokens: int
     replayed: bool = False
     rolled_back_to: int | None = None
+    version: int | None = None

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .options import check_int, check_seed, finite
+
 __all__ = ["SamplingParams", "Sampler"]
 
 
@@ -28,18 +30,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
-        if (isinstance(self.temperature, bool) or not isinstance(self.temperature, int | float)
-                or not 0 <= self.temperature < float("inf")):  # also refuses NaN
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be None or a positive integer, got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed must be None or an integer, got {self.seed!r}")
-        if (isinstance(self.repetition_penalty, bool) or not isinstance(self.repetition_penalty, int | float)
-                or not 0 < self.repetition_penalty < float("inf")):
-            raise ValueError(f"repetition_penalty must be a positive number, got {self.repetition_penalty!r}")
+        # Each refusal is an InvalidOptionError (a ValueError) naming the option; NaN and infinities included.
+        finite("temperature", self.temperature, low=0, low_open=False)
+        finite("top_p", self.top_p, low=0, low_open=True, high=1, high_open=False)
+        if self.top_k is not None:
+            check_int("top_k", self.top_k, 1)
+        check_seed(self.seed)
+        finite("repetition_penalty", self.repetition_penalty, low=0, low_open=True)
 
     @property
     def greedy(self) -> bool:

@@ -51,6 +51,7 @@ def make_ephemeral_engine(engine: Any) -> Any:
         kv_retain=float(getattr(online, "retain", 0.5)), kv_cache_bytes=0, kv_cache_dir=None,
         max_message_tokens=engine.max_message_tokens, max_new_tokens=engine.max_new_tokens,
         sampling=engine.sampling, namespace=engine.namespace, history=engine.history,
+        on_divergence=engine.on_divergence, max_messages_per_call=engine.max_messages_per_call,
         max_retries=engine.max_retries,
     )  # fmt: skip
 

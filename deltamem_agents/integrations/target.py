@@ -45,10 +45,15 @@ class SessionTarget:
         """The id a caller may use again (``None`` for a throwaway session: it is gone after the call)."""
         return None if self.ephemeral else self.session_id
 
-    def call_options(self, history: str | None) -> dict[str, Any]:
-        """``namespace`` and ``history`` for the engine call. A throwaway session is new, so its messages are
-        the whole conversation (``history="full"``) whatever the caller's style."""
-        return {"namespace": self.namespace, "history": "full" if self.ephemeral else history}
+    def call_options(self, history: str | None, on_divergence: str | None = None) -> dict[str, Any]:
+        """``namespace``, ``history`` and ``on_divergence`` for the engine call. A throwaway session is new, so
+        its messages are the whole conversation (``history="full"``) whatever the caller's style, and cannot
+        diverge. ``on_divergence=None`` leaves the engine's default (``"reject"`` unless the engine was built
+        otherwise): it is passed only when the caller set it."""
+        options: dict[str, Any] = {"namespace": self.namespace, "history": "full" if self.ephemeral else history}
+        if on_divergence is not None:
+            options["on_divergence"] = on_divergence
+        return options
 
     def version(self, result: Any) -> int | None:
         """The session's version after the call: ``None`` for a throwaway session, else the result's own

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import DeltaMemError
 from ..paths import cache_dir
 
 __all__ = [
@@ -74,7 +75,7 @@ class EmbeddedModelSpec:
 EMBEDDED_MODEL = EmbeddedModelSpec()
 
 
-class EmbeddedModelUnavailable(RuntimeError):
+class EmbeddedModelUnavailable(DeltaMemError, RuntimeError):
     """The embedded model is not in the cache and could not be fetched (or fetching was not allowed)."""
 
 

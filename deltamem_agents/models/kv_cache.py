@@ -18,6 +18,8 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any
 
+from ..errors import DeltaMemError
+
 if TYPE_CHECKING:  # torch is imported lazily: `deltamem sessions list` must not pay for it
     from torch import Tensor
 
@@ -38,7 +40,7 @@ CACHE_ARGUMENT_NAMES = ("cache", "past_key_values")
 _BY_CLASS: dict[type, str] = {}
 
 
-class CacheNotUsedError(RuntimeError):
+class CacheNotUsedError(DeltaMemError, RuntimeError):
     """A forward call was given a KV cache but did not extend it (the installed transformers ignored it)."""
 
 

@@ -57,6 +57,7 @@ def build_engine(settings: ServerSettings) -> Any:
         kv_cache_dir=settings.kv_cache_dir, max_message_tokens=settings.max_message_tokens,
         max_new_tokens=settings.max_new_tokens, namespace=settings.namespace,
         batch_decode=settings.batch_decode, batch_max_rows=settings.batch_max_rows,
+        on_divergence=settings.on_divergence, max_messages_per_call=settings.max_messages_per_call,
     )  # fmt: skip
 
 

@@ -37,6 +37,10 @@ _SERVE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
      "of those, running in the engine at once (default min(4, max-queue); with --batch-decode min(batch-max-rows, "
      "max-queue))"),
     ("--batch-max-rows", "batch_max_rows", int, "with --batch-decode: most sessions in one batched step (default 16)"),
+    ("--on-divergence", "on_divergence", str,
+     "reject (default: 409 history_conflict) or rollback (replay edited / regenerated histories; one client per "
+     "session): what a chat request whose history diverges from the session does unless it says"),
+    ("--max-messages-per-call", "max_messages_per_call", int, "most messages in one request (default 1000)"),
     ("--retry-after", "retry_after_s", int, "Retry-After seconds of a 503 (default 1)"),
     ("--max-import-bytes", "max_import_bytes", int, "largest session file accepted by import (default 64 MiB)"),
     ("--namespace", "namespace", str, "namespace of local single-user mode (default 'default')"),

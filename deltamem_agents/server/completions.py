@@ -5,6 +5,10 @@
   edit). The ``history: "append"`` extension says the messages only follow what the session holds.
 * Completions send ``prompt`` as one user message: to a throwaway session, or appended to the named session
   (``history="append"``, since the prompt is a new turn and not a resent conversation).
+* A chat history that diverges from what the session holds (another client wrote after this one's last view,
+  an edit, a "regenerate") is a 409 ``history_conflict`` unless the request says ``on_divergence: "rollback"``
+  (body field, or the ``X-DeltaMem-On-Divergence`` header), or the server runs with ``--on-divergence
+  rollback`` (``docs/server.md``).
 
 The turn runs off the event loop (``engine.achat`` / ``engine.astream`` use worker threads) inside an admission
 ticket (:mod:`.limits`). Response headers: ``X-Session-ID`` and, when not streamed, ``X-Session-Version`` (the
@@ -25,7 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from . import bodies
-from .errors import engine_errors
+from .errors import APIError, engine_errors
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .session_choice import SessionChoice, choose_session, new_throwaway_id
 from .state import ServerState, TenantDep, server_state
@@ -39,6 +43,23 @@ router = APIRouter()
 
 SESSION_HEADER = "X-Session-ID"
 VERSION_HEADER = "X-Session-Version"
+DIVERGENCE_HEADER = "X-DeltaMem-On-Divergence"
+_POLICIES = ("reject", "rollback")
+
+
+def on_divergence(state: ServerState, header: str | None, field: str | None) -> str:
+    """The request's divergence policy: the ``X-DeltaMem-On-Divergence`` header or the ``on_divergence`` body
+    field (they must agree when both are given), else the server's ``on_divergence`` setting."""
+    if header is not None and header.strip():
+        value = header.strip().lower()
+        if value not in _POLICIES:
+            raise APIError(422, f"the {DIVERGENCE_HEADER} header must be reject or rollback, got {header!r}",
+                           param=DIVERGENCE_HEADER, code="invalid_value")
+        if field is not None and field != value:
+            raise APIError(422, f"the {DIVERGENCE_HEADER} header ({value!r}) and the on_divergence field "
+                           f"({field!r}) disagree", param="on_divergence", code="invalid_value")
+        return value
+    return field or state.settings.on_divergence
 
 
 @dataclass
@@ -202,7 +223,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            tenant: TenantDep) -> Response:
     state = server_state(request)
     choice = choose_session(request.headers.get(SESSION_HEADER), body.session_id, body.conversation_id)
-    turn = Turn(state, choice, tenant.namespace, body.engine_messages(), body.engine_options(), body.history,
+    options = {**body.engine_options(),
+               "on_divergence": on_divergence(state, request.headers.get(DIVERGENCE_HEADER), body.on_divergence)}
+    turn = Turn(state, choice, tenant.namespace, body.engine_messages(), options, body.history,
                 "/v1/chat/completions")
     ids = _ids(state, "chatcmpl")
     if body.stream:

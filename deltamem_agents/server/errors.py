@@ -21,11 +21,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine.errors import (
     ContextLengthError,
     FingerprintMismatchError,
+    HistoryConflictError,
     InvalidMessageError,
+    InvalidOptionError,
     InvalidStateError,
     MessageTooLongError,
     PortableFormatError,
+    TooManyMessagesError,
 )
+from ..errors import DeltaMemError
 from ..store.base import (
     ConcurrentUpdateError,
     CorruptStateError,
@@ -53,7 +57,7 @@ _STATUS_TYPES = {401: AUTHENTICATION, 403: "permission_error", 404: INVALID_REQU
                  409: INVALID_REQUEST, 413: INVALID_REQUEST, 422: INVALID_REQUEST, 429: "rate_limit_error"}
 
 
-class APIError(Exception):
+class APIError(DeltaMemError):
     """An error response: HTTP ``status`` and OpenAI's error object (plus optional response headers)."""
 
     def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
@@ -92,6 +96,9 @@ def to_api_error(exc: BaseException, *, engine_call: bool = False) -> APIError:
         return APIError(404, message, code="session_not_found", param="session_id")
     if isinstance(exc, SessionExistsError):
         return APIError(409, message, code="session_exists", param="session_id")
+    if isinstance(exc, HistoryConflictError):  # before ConcurrentUpdateError, its base
+        return APIError(409, message, code="history_conflict", param="messages",
+                        headers={"X-Session-Version": str(exc.version)})
     if isinstance(exc, ConcurrentUpdateError):
         return APIError(409, message + " (the session was changed by another request; retry)",
                         code="session_conflict", param="session_id")
@@ -101,6 +108,10 @@ def to_api_error(exc: BaseException, *, engine_call: bool = False) -> APIError:
         return APIError(413, message, code="context_length_exceeded", param="messages")
     if isinstance(exc, MessageTooLongError):
         return APIError(413, message, code="message_too_long", param="messages")
+    if isinstance(exc, TooManyMessagesError):
+        return APIError(413, message, code="too_many_messages", param="messages")
+    if isinstance(exc, InvalidOptionError):
+        return APIError(422, message, code="invalid_value", param=exc.option)
     if isinstance(exc, InvalidMessageError):
         return APIError(422, message, code="invalid_messages", param="messages")
     if isinstance(exc, InvalidIdentifierError):
@@ -165,5 +176,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for cls in (StoreError, FingerprintMismatchError, InvalidMessageError, InvalidStateError, PortableFormatError):
+    for cls in (StoreError, FingerprintMismatchError, InvalidMessageError, InvalidOptionError, InvalidStateError,
+                PortableFormatError):
         app.add_exception_handler(cls, on_api_error)

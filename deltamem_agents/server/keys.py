@@ -34,6 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, Connection
 
+from ..errors import DeltaMemError
 from ..store.base import validate_identifier
 from ..store.connect import make_engine
 from ..store.ops import run_in_transaction
@@ -63,7 +64,7 @@ api_keys_table = Table(
 )
 
 
-class KeyNotFoundError(LookupError):
+class KeyNotFoundError(DeltaMemError, LookupError):
     """No API key with that id."""
 
 

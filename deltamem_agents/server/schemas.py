@@ -126,8 +126,9 @@ class _GenerationRequest(BaseModel):
 
 class ChatCompletionRequest(_GenerationRequest):
     """``POST /v1/chat/completions``. Extensions: ``session_id``, ``conversation`` (pick the session, like the
-    ``X-Session-ID`` header) and ``history`` (``"full"``, default: the messages are the whole conversation;
-    ``"append"``: they follow what the session already holds)."""
+    ``X-Session-ID`` header), ``history`` (``"full"``, default: the messages are the whole conversation;
+    ``"append"``: they follow what the session already holds) and ``on_divergence`` (``"reject"`` or
+    ``"rollback"``, like the ``X-DeltaMem-On-Divergence`` header; default: the server's setting)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -136,6 +137,7 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     history: Literal["full", "append"] = "full"
+    on_divergence: Literal["reject", "rollback"] | None = None
 
     @field_validator("logprobs")
     @classmethod

@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any
 
+from ..errors import DeltaMemError
 from .auth import is_loopback
 from .keys import KeyStore
 from .settings import ServerSettings
@@ -13,7 +14,7 @@ from .settings import ServerSettings
 __all__ = ["ServerConfigError", "check_bind", "create_worker_app", "run_server", "settings_to_env"]
 
 
-class ServerConfigError(RuntimeError):
+class ServerConfigError(DeltaMemError, RuntimeError):
     """The server refuses to start with these settings (the message says why and what to do)."""
 
 

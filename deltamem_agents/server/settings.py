@@ -43,6 +43,11 @@ class ServerSettings(BaseSettings):
             ``batch_decode``; off by default: each answer then equals its one-at-a-time answer within a
             floating-point tolerance, not bitwise; it pays on a GPU with many concurrent sessions).
         batch_max_rows: ``batch_decode``: most sessions in one batched step.
+        on_divergence: what a chat completion whose messages diverge from what the session holds does, unless
+            the request says (``on_divergence`` body field, ``X-DeltaMem-On-Divergence`` header):
+            ``"reject"`` (default: 409 ``history_conflict``, nothing written) or ``"rollback"`` (roll back and
+            replay the request's history: for chat UIs whose users edit and regenerate, one client per session).
+        max_messages_per_call: most messages one request may carry (413 ``too_many_messages`` beyond).
         retry_after_s: the ``Retry-After`` header of a 503.
         max_import_bytes: largest session file ``POST /v1/sessions/import`` accepts (413 beyond).
         require_keys: refuse requests without a valid key even while no key exists (no local mode).
@@ -69,6 +74,8 @@ class ServerSettings(BaseSettings):
     max_concurrency: int | None = Field(None, ge=1)
     batch_decode: bool = False
     batch_max_rows: int = Field(16, ge=1)
+    on_divergence: Literal["reject", "rollback"] = "reject"
+    max_messages_per_call: int = Field(1000, ge=1)
     retry_after_s: int = Field(1, ge=0)
     max_import_bytes: int = Field(64 * 1024**2, ge=1)
     require_keys: bool = False

@@ -36,6 +36,7 @@ from .base import (
 )
 from .codec import ITEMSIZE, sha256_hex
 from .connect import default_sqlite_path, normalize_url
+from .errors import InvalidStoreURLError
 from .migrate import SchemaVersionError, current_version, latest_version, upgrade
 from .sql import AsyncSQLSessionStore, SQLSessionStore, open_async_store, open_store
 
@@ -59,6 +60,7 @@ __all__ = [
     "CorruptSessionError",
     "CorruptStateError",
     "InvalidIdentifierError",
+    "InvalidStoreURLError",
     "RecordSummary",
     "SQLSessionStore",
     "SchemaVersionError",

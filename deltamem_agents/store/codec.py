@@ -23,6 +23,25 @@ from .digests import (
     window_digest,
 )
 
+__all__ = [
+    "ITEMSIZE",
+    "SnapshotFacts",
+    "check_continues",
+    "check_fingerprints",
+    "check_shape",
+    "check_text",
+    "expected_nbytes",
+    "prepare_blob",
+    "prepare_metadata",
+    "prepare_state",
+    "prepare_window",
+    "prepare_written",
+    "record_problem",
+    "sha256_hex",
+    "text_problem",
+    "verify_blob",
+]
+
 #: Bytes per element of each allowed dtype.
 ITEMSIZE: dict[str, int] = {
     "float32": 4,

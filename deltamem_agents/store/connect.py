@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import StaticPool
 
 if TYPE_CHECKING:  # sqlalchemy.ext.asyncio needs greenlet; the sync store must work without it
@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # sqlalchemy.ext.asyncio needs greenlet; the sync store must 
 
 from ..extras import require
 from ..paths import cache_dir
-from .errors import StorageFullError, StoreError, StoreUnavailableError
+from .errors import InvalidStoreURLError, StorageFullError, StoreError, StoreUnavailableError
 
 __all__ = [
     "DEFAULT_SQLITE_FILENAME",
@@ -65,19 +65,24 @@ def default_sqlite_path() -> Path:
 def normalize_url(url: str | URL | None, *, async_: bool = False) -> URL:
     """Turn what a user passed into a SQLAlchemy URL with the driver this store uses.
 
-    Raises :class:`ValueError` for a database other than SQLite or PostgreSQL.
+    Raises :class:`InvalidStoreURLError` (a ``ValueError``) for a malformed URL or a database other than SQLite
+    or PostgreSQL.
     """
     if url is None:
         path = default_sqlite_path()
         url = URL.create("sqlite", database=str(path))
     elif isinstance(url, str) and "://" not in url:
         url = URL.create("sqlite", database=str(Path(url).expanduser()))  # a bare path means an SQLite file
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise InvalidStoreURLError(f"not a database URL: {url!r}: use an sqlite:// or postgresql:// URL, or a file "
+                                   "path") from exc
     backend = parsed.get_backend_name()
     if backend == "postgres":  # Heroku-style alias
         backend = "postgresql"
     if backend not in _SYNC_DRIVERS:
-        raise ValueError(
+        raise InvalidStoreURLError(
             f"unsupported database {parsed.render_as_string(hide_password=True)!r}: "
             "use an sqlite:// or postgresql:// URL"
         )
@@ -92,6 +97,10 @@ def is_memory_sqlite(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
+#: The first bytes of every SQLite database file.
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
 def _prepare_sqlite_file(url: URL) -> None:
     if not is_memory_sqlite(url) and not str(url.database).startswith("file:"):
         path = Path(str(url.database)).expanduser()
@@ -99,6 +108,15 @@ def _prepare_sqlite_file(url: URL) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailableError(f"cannot create the directory of the session database {path}: {exc}") from exc
+        # SQLite takes a non-empty file shorter than its header for an empty database and overwrites it: a
+        # mistyped --store must never destroy a user's file.
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(len(SQLITE_HEADER))
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            return  # created by SQLite / refused by it with its own error
+        if head and head != SQLITE_HEADER:
+            raise StoreUnavailableError(f"{path} is not an SQLite database (it holds other data; not touched)")
 
 
 def _install_sqlite_hooks(sync_engine: Engine, busy_timeout_s: float) -> None:
@@ -172,7 +190,7 @@ def _split_libpq_options(options: str) -> list[str]:
             current.append(ch)
             started = True
     if escaped:
-        raise ValueError(f"options {options!r} ends with a lone backslash")
+        raise InvalidStoreURLError(f"options {options!r} ends with a lone backslash")
     if started:
         args.append("".join(current))
     return args
@@ -181,7 +199,7 @@ def _split_libpq_options(options: str) -> list[str]:
 def asyncpg_server_settings(options: str) -> dict[str, str]:
     """Translate a libpq ``options`` string (``-c name=value``, ``-cname=value``, ``--name=value``) into
     asyncpg's ``server_settings``: asyncpg has no ``options`` parameter, but sends the same run-time settings
-    at connection start-up. Raises :class:`ValueError` for anything else libpq would pass to the server."""
+    at connection start-up. Raises :class:`InvalidStoreURLError` (a ``ValueError``) for anything else libpq would pass to the server."""
     settings: dict[str, str] = {}
     args = _split_libpq_options(options)
     i = 0
@@ -194,13 +212,13 @@ def asyncpg_server_settings(options: str) -> dict[str, str]:
         elif arg.startswith("--") and "=" in arg:
             pair, i = arg[2:], i + 1
         else:
-            raise ValueError(
+            raise InvalidStoreURLError(
                 f"cannot translate {arg!r} in the URL's options={options!r} for asyncpg: only run-time settings "
                 "(-c name=value) are supported"
             )
         name, sep, value = pair.partition("=")
         if not sep or not name:
-            raise ValueError(f"cannot translate {pair!r} in the URL's options={options!r}: expected name=value")
+            raise InvalidStoreURLError(f"cannot translate {pair!r} in the URL's options={options!r}: expected name=value")
         settings[name.replace("-", "_")] = value
     return settings
 

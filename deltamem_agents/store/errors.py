@@ -11,6 +11,7 @@ __all__ = [
     "CorruptSessionError",
     "CorruptStateError",
     "InvalidIdentifierError",
+    "InvalidStoreURLError",
     "SchemaVersionError",
     "SessionExistsError",
     "SessionNotFoundError",
@@ -26,6 +27,11 @@ class StoreError(DeltaMemError):
 
 class InvalidIdentifierError(StoreError, ValueError):
     """A session id or namespace that does not match :data:`~deltamem_agents.store.base.IDENTIFIER_PATTERN`."""
+
+
+class InvalidStoreURLError(StoreError, ValueError):
+    """A store URL that cannot be used: not a URL, a database other than SQLite or PostgreSQL, or ``options``
+    that cannot be passed on."""
 
 
 class SessionNotFoundError(StoreError, KeyError):

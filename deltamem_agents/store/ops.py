@@ -56,6 +56,28 @@ from .connect import WRITE_OPTION
 from .digests import header_digest, tensors_digest, window_digest
 from .schema import SessionRow, SnapshotRow, StateTensorRow, WindowMessageRow, WrittenMessageRow
 
+__all__ = [
+    "SESSIONS",
+    "SNAPSHOTS",
+    "SNAPSHOT_TABLES",
+    "TENSORS",
+    "WINDOW",
+    "WRITTEN",
+    "commit",
+    "create",
+    "delete_session",
+    "exists",
+    "fork",
+    "get",
+    "list_sessions",
+    "list_turns",
+    "load",
+    "reset",
+    "rollback",
+    "run_in_transaction",
+    "stats",
+]
+
 T = TypeVar("T")
 
 SESSIONS = cast(Table, SessionRow.__table__)

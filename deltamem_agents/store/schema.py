@@ -40,6 +40,20 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import BYTEA, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+__all__ = [
+    "Base",
+    "BlobType",
+    "CHILD_TABLES",
+    "JSONType",
+    "PKType",
+    "SessionRow",
+    "SnapshotRow",
+    "StateTensorRow",
+    "Timestamp",
+    "WindowMessageRow",
+    "WrittenMessageRow",
+]
+
 #: JSON documents: JSONB on PostgreSQL (indexable, compact), TEXT-backed JSON on SQLite.
 JSONType = JSON().with_variant(JSONB(), "postgresql")
 #: Surrogate keys: BIGINT identity on PostgreSQL; SQLite needs exactly ``INTEGER PRIMARY KEY`` for a rowid alias.

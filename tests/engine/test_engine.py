@@ -11,6 +11,7 @@ from engine_helpers import conversation, make_tiny_dm
 
 from deltamem_agents.engine import (
     FingerprintMismatchError,
+    HistoryConflictError,
     InvalidMessageError,
     InvalidStateError,
     PortableFormatError,
@@ -105,12 +106,21 @@ def test_divergence_rolls_back_and_replays(make_engine, write_mode):
     turn_before = eng.get_session("s").turn
     edited = [dict(m) for m in msgs]
     edited[3]["content"] = "I live in Porto."
-    w = eng.write("s", edited)
+    version, state = eng.get_session("s").version, eng.session_state("s")
+    with pytest.raises(HistoryConflictError) as conflict:  # by default a diverging history is refused
+        eng.write("s", edited)
+    written = eng.stats("s").written_messages
+    assert conflict.value.common_prefix == 3 and conflict.value.missing == written - 3
+    assert conflict.value.session_id == "s" and conflict.value.version == eng.get_session("s").version
+    assert eng.get_session("s").version == version and eng.session_state("s").equal(state)
+    w = eng.write("s", edited, on_divergence="rollback")
     assert w.replayed and w.rolled_back_to is not None and w.rolled_back_to < turn_before
     eng.write("fresh", edited)
     assert eng.session_state("s").equal(eng.session_state("fresh"))
     # a regenerate (history cut before the last answer) rolls back too, and the chat result says so
-    r = eng.chat("s", edited[:-1], max_new_tokens=3)
+    with pytest.raises(HistoryConflictError):
+        eng.chat("s", edited[:-1], max_new_tokens=3)
+    r = eng.chat("s", edited[:-1], max_new_tokens=3, on_divergence="rollback")
     assert r.replayed and r.rolled_back_to is not None
 
 
@@ -172,7 +182,7 @@ def test_stream_matches_chat_and_stop_strings(make_engine):
     it = eng.stream("e", msgs, max_new_tokens=12)
     next(it)
     it.close()
-    assert eng.get_session("e").turn == 0
+    assert not eng.store.exists("e")  # a new session is created only by its first commit
 
 
 def test_seeded_sampling_is_reproducible(make_engine):
@@ -278,7 +288,7 @@ def test_bad_inputs_change_nothing(make_engine):
             eng.write("s", bad)
     assert eng.get_session("s").version == version and eng.session_state("s").equal(state)
     with pytest.raises(InvalidMessageError):
-        eng.chat("never", [{"role": "user", "content": ""}])
+        eng.chat("never", [{"role": "user", "content": ""}], max_new_tokens=2)
     assert not eng.store.exists("never")
 
 

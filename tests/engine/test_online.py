@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 from engine_helpers import conversation, make_tiny_dm
 
-from deltamem_agents.engine import ContextLengthError
+from deltamem_agents.engine import ContextLengthError, InvalidOptionError
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +152,12 @@ def test_cache_is_dropped_whenever_the_state_is_not_the_sessions_current_one(onl
     # an edited earlier message: replay from the snapshot before it (turn 1), from text
     edited = [dict(m) for m in nxt]
     edited[6]["content"] = "An edited reply."
-    r = eng.chat("s", edited, max_new_tokens=3)
+    r = eng.chat("s", edited, max_new_tokens=3, on_divergence="rollback")
     assert r.replayed and r.rolled_back_to == 1 and r.kv_cache == "rebuilt"
     # …and an edit of the very first exchange replays from nothing: no context to prefill
     first = [dict(m) for m in edited]
     first[1]["content"] = "My name is Grace."
-    r = eng.chat("s", first, max_new_tokens=3)
+    r = eng.chat("s", first, max_new_tokens=3, on_divergence="rollback")
     assert r.replayed and r.rolled_back_to == 0 and r.kv_cache == "new"
     edited = first
 
@@ -193,8 +193,14 @@ def test_cancelled_stream_and_failed_turn_leave_no_cache(online):
     r = eng.chat("s", msgs + [{"role": "user", "content": "Short one?"}], max_new_tokens=2)
     assert r.kv_cache == "rebuilt"
     # a turn refused for its size changes nothing and keeps the hot cache usable
+    version = eng.get_session("s").version
+    msgs = msgs + [{"role": "user", "content": "Short one?"}, {"role": "assistant", "content": r.text}]
     with pytest.raises(ContextLengthError):
+        eng.chat("s", msgs + [{"role": "user", "content": "x"}], max_new_tokens=eng.context_window - 1)
+    with pytest.raises(InvalidOptionError, match="max_new_tokens"):  # beyond any prompt: refused as an option
         eng.chat("s", msgs + [{"role": "user", "content": "x"}], max_new_tokens=10_000)
+    assert eng.get_session("s").version == version
+    assert eng.chat("s", msgs + [{"role": "user", "content": "And?"}], max_new_tokens=2).kv_cache == "hot"
 
 
 def test_concurrent_update_is_retried_from_text(online):

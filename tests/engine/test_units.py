@@ -77,20 +77,57 @@ def test_plan_full_append_and_divergence():
     assert p.new == [] and not p.replayed  # idempotent resend
     edited = list(hist)
     edited[3] = Message("assistant", "edited")
-    p = plan_turn("auto", edited, counts, record, turns, 2, [])
+    p = plan_turn("auto", edited, counts, record, turns, 2, [])  # on_divergence="reject" by default
+    assert p.conflict and not p.replayed and p.new == [] and p.diverged_at == 3 and p.committed == 4
+    p = plan_turn("auto", edited, counts, record, turns, 2, [], on_divergence="rollback")
     assert p.replayed and p.diverged_at == 3 and p.base_turn == 1 and [i.index for i in p.new] == [2, 3, 4, 5]
-    p = plan_turn("auto", hist[:1], counts[:1], record, turns, 2, [])  # "regenerate": shorter history
+    p = plan_turn("auto", hist[:1], counts[:1], record, turns, 2, [], on_divergence="rollback")  # "regenerate"
     assert p.replayed and p.base_turn == 0 and [i.index for i in p.new] == [0]
     window = [WindowMessage(2, "user", "u2", 3), WindowMessage(3, "assistant", "a3", 3)]
     p = plan_turn("auto", [Message("user", "new")], [3], record, turns, 2, window)
     assert p.style == "append" and [i.index for i in p.new] == [4] and [i.index for i in p.history] == [2, 3, 4]
     # an edited first message of a full resend is still recognised as a full history
     edited0 = [Message("user", "changed"), *hist[1:]]
-    p = plan_turn("auto", edited0, counts, record, turns, 2, [])
+    p = plan_turn("auto", edited0, counts, record, turns, 2, [], on_divergence="rollback")
     assert p.style == "full" and p.diverged_at == 0 and p.base_turn == 0
+    assert plan_turn("auto", edited0, counts, record, turns, 2, []).conflict
     # pruned snapshots: replay from nothing
-    p = plan_turn("full", edited, counts, record, [TurnInfo(2, None, 4, 0)], 2, [])
+    p = plan_turn("full", edited, counts, record, [TurnInfo(2, None, 4, 0)], 2, [], on_divergence="rollback")
     assert p.base_turn == -1 and len(p.new) == 6
+
+
+def test_plan_views_of_other_clients_and_trimmed_histories():
+    """``auto`` never appends what is already committed: a whole history that does not fit the record is a
+    divergence, a trimmed view that ends with the record's end extends it."""
+    msg = lambda role, text: Message(role, text)  # noqa: E731
+    a1, a2 = msg("user", "A1"), msg("assistant", "rA1")
+    b1, b2 = msg("user", "B1"), msg("assistant", "rB1")
+    record = _record([a1, a2, b1, b2])
+    turns = [TurnInfo(0, None, 0, 0), TurnInfo(1, None, 2, 0), TurnInfo(2, None, 4, 0)]
+    window = [WindowMessage(i, m.role, m.content, 3) for i, m in enumerate([a1, a2, b1, b2])]
+    # client B resends its own history (it starts inside the session, at index 2, and ends with its end)
+    p = plan_turn("auto", [b1, b2, msg("user", "B2")], [3] * 3, record, turns, 2, window)
+    assert p.style == "full" and [i.index for i in p.new] == [4] and not p.conflict
+    assert [i.index for i in p.history] == [0, 1, 2, 3, 4]  # the window before the view, then the view
+    # client A resends its history: it misses B's messages at their position → divergence (never appended)
+    p = plan_turn("auto", [a1, a2, msg("user", "A2")], [3] * 3, record, turns, 2, window)
+    assert p.conflict and p.diverged_at == 2 and p.committed == 4
+    # a history with the system message kept and the middle trimmed extends the record
+    sys_ = msg("system", "S")
+    rec = _record([sys_, a1, a2, b1, b2])
+    p = plan_turn("auto", [sys_, b1, b2, msg("user", "x")], [3] * 4, rec, turns, 2, [])
+    assert not p.conflict and [i.index for i in p.new] == [5] and [i.index for i in p.history] == [0, 3, 4, 5]
+    # ...but under "full" that is a divergence (the caller's view of the whole conversation lacks 1..2)
+    p = plan_turn("full", [sys_, b1, b2, msg("user", "x")], [3] * 4, rec, turns, 2, [])
+    assert p.conflict and p.diverged_at == 1
+    # a stale trimmed view (another writer appended after it) diverges
+    p = plan_turn("auto", [b1, msg("user", "B2")], [3] * 2, record, turns, 2, window)
+    assert p.conflict and p.diverged_at == 0
+    # a single new message is an append (nothing read), a multi-message call sharing nothing with the record too
+    p = plan_turn("auto", [msg("user", "new")], [3], record, turns, 2, window)
+    assert p.style == "append" and [i.index for i in p.new] == [4]
+    p = plan_turn("auto", [msg("tool", "t"), msg("user", "new")], [3, 3], record, turns, 2, window)
+    assert p.style == "append" and [i.index for i in p.new] == [4, 5]
 
 
 # ---------------------------------------------------------------------------------------------- text

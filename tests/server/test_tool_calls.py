@@ -22,7 +22,7 @@ from tool_helpers import (
     with_template,
 )
 
-from deltamem_agents.engine.errors import InvalidMessageError
+from deltamem_agents.engine.errors import HistoryConflictError, InvalidMessageError
 from deltamem_agents.engine.messages import normalize_message
 from deltamem_agents.engine.tool_calls import (
     HermesFormat,
@@ -347,8 +347,11 @@ def test_engine_control_a_changed_call_is_a_replay(tiny_dm, tokenizer, monkeypat
     first = engine.chat("s", history, tools=TOOLS, history="full")
     call = first.tool_calls[0].to_openai()
     call["function"]["arguments"] = '{"city": "Lyon"}'
-    edited = engine.chat("s", [*history, {"role": "assistant", "content": "Checking.", "tool_calls": [call]},
-                               {"role": "tool", "content": "rain"}], tools=TOOLS, history="full")
+    resent = [*history, {"role": "assistant", "content": "Checking.", "tool_calls": [call]},
+              {"role": "tool", "content": "rain"}]
+    with pytest.raises(HistoryConflictError):  # an edit is a conflict unless the caller asks for a rollback
+        engine.chat("s", resent, tools=TOOLS, history="full")
+    edited = engine.chat("s", resent, tools=TOOLS, history="full", on_divergence="rollback")
     assert edited.replayed
 
 

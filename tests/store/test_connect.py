@@ -79,3 +79,23 @@ def test_async_store_uses_the_search_path_of_the_url(schema_url):
     assert in_schema == 1
     with SQLSessionStore(url) as sync_store:  # the sync store (psycopg, libpq options) sees the same session
         assert sync_store.load("s", namespace="ns", full_record=True) == data
+
+
+@pytest.mark.parametrize("content", [b"x", b"hello, not a database\n" * 10])
+def test_a_file_that_is_not_a_database_is_refused_and_untouched(tmp_path, content):
+    """SQLite takes a non-empty file shorter than its header for an empty database and overwrites it; the store
+    refuses any file that does not start with SQLite's header (short or long), and leaves it as it was."""
+    from deltamem_agents.store import InvalidStoreURLError, StoreUnavailableError
+
+    path = tmp_path / "notes.db"
+    path.write_bytes(content)
+    with pytest.raises(StoreUnavailableError, match="not an SQLite database"):
+        SQLSessionStore(str(path))
+    assert path.read_bytes() == content
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    SQLSessionStore(str(empty)).close()  # an empty file is an empty database
+    with pytest.raises(InvalidStoreURLError):
+        SQLSessionStore("mysql://u@h/db")
+    with pytest.raises(ValueError):  # still a ValueError for older callers
+        SQLSessionStore("mysql://u@h/db")

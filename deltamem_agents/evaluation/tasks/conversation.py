@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ...errors import DeltaMemError
 from ...training.examples import MemoryExample
 from ..metrics import normalize_text
 
@@ -32,7 +33,7 @@ _KNOWN_KEYS = {"id", "history", "question", "answer", "answers", "choices", "evi
 _ROLES = ("system", "user", "assistant")
 
 
-class ConversationFormatError(ValueError):
+class ConversationFormatError(DeltaMemError, ValueError):
     """A line of a conversation JSONL file is malformed (the message names the file and line)."""
 
 

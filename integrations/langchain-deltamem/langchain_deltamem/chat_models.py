@@ -82,7 +82,7 @@ logger = logging.getLogger(__name__)
 
 # Keyword arguments a call may carry that are ours; anything else is ignored (logged at debug level).
 _CALL_KEYS = frozenset({
-    "session_id", "namespace", "mode", "history", "temperature", "max_tokens", "max_new_tokens", "top_p", "top_k",
+    "session_id", "namespace", "mode", "history", "on_divergence", "temperature", "max_tokens", "max_new_tokens", "top_p", "top_k",
     "repetition_penalty", "seed", "tools", "tool_choice", "model", "timeout",
 })
 
@@ -162,6 +162,10 @@ class ChatDeltaMem(BaseChatModel):
     """``online``, ``windowed`` or ``state-only``; ``None`` is the engine's default (``online``)."""
     history: Literal["auto", "full", "append"] = "auto"
     """How a call's messages relate to what the session has written (see ``docs/engine.md``)."""
+    on_divergence: Literal["reject", "rollback"] | None = None
+    """A history that diverges from what the session holds (an edit, a regenerate, another writer): ``"reject"``
+    (a ``HistoryConflictError``, nothing written) or ``"rollback"`` (roll back and replay this history);
+    ``None``: the engine's default (``"reject"``). See ``docs/engine.md``, "Several clients on one session"."""
 
     # ---- generation: ``None`` is the engine's default (one source of truth: ``MemoryEngine``'s) --------------
     temperature: float | None = None
@@ -320,7 +324,8 @@ class ChatDeltaMem(BaseChatModel):
         target = SessionTarget.resolve(engine, self.resolve_session(run_manager, **kwargs),
                                        kwargs.get("namespace", self.namespace))
         options: dict[str, Any] = {
-            **target.call_options(kwargs.get("history", self.history)),
+            **target.call_options(kwargs.get("history", self.history),
+                                  kwargs.get("on_divergence", self.on_divergence)),
             "mode": kwargs.get("mode", self.mode),
             **generation_options(**self._explicit_generation(kwargs, stop)),
         }

@@ -14,6 +14,7 @@ from langchain_deltamem import ChatDeltaMem, DeltaMemThreads, thread_id_from_con
 from langchain_deltamem._parsing import extract_json, parse_tool_calls, template_supports_tools  # noqa: E402
 from langchain_deltamem.engines import engine_key  # noqa: E402
 
+from deltamem_agents.engine import HistoryConflictError  # noqa: E402
 from deltamem_agents.engine.engine import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLING  # noqa: E402
 from deltamem_agents.integrations import EPHEMERAL_PREFIX  # noqa: E402
 from deltamem_agents.integrations.testing import FakeEngine  # noqa: E402
@@ -132,7 +133,12 @@ def test_session_routing_order():
         0.5, 3, 1, "state-only", ["\n"])
     assert call["max_new_tokens"] == 1 and "top_p" not in call and "repetition_penalty" not in call
     ChatDeltaMem(engine=engine).invoke("a", session_id="defaults")
-    assert not {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"} & set(engine.calls[-1])
+    assert not {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "on_divergence"} & set(
+        engine.calls[-1])
+    llm.invoke("a", session_id="opts", on_divergence="rollback")  # passed through only when set
+    assert engine.calls[-1]["on_divergence"] == "rollback"
+    ChatDeltaMem(engine=engine, on_divergence="reject").invoke("a", session_id="opts")
+    assert engine.calls[-1]["on_divergence"] == "reject"
     with pytest.raises(ValueError, match="cannot switch"):
         llm.invoke("a", session_id="x", model="other-model")
 
@@ -146,8 +152,13 @@ def test_resent_history_is_written_once_and_edits_replay(llm, deltamem_engine):
     assert stats.written_messages == 5  # system, user, reply, user, reply: nothing written twice
     edited = [SystemMessage("Be brief."), HumanMessage("I use camelCase."), AIMessage(first.content),
               HumanMessage("And you?")]
-    third = llm.invoke(edited, session_id="lc-resend")
+    with pytest.raises(HistoryConflictError):  # an edit is a conflict unless the caller opts into a rollback
+        llm.invoke(edited, session_id="lc-resend")
+    assert deltamem_engine.stats("lc-resend").written_messages == 5
+    third = llm.invoke(edited, session_id="lc-resend", on_divergence="rollback")
     assert third.response_metadata["replayed"] is True
+    assert ChatDeltaMem(engine=deltamem_engine, on_divergence="rollback", max_tokens=2).invoke(
+        edited[:2], session_id="lc-resend").response_metadata["replayed"] is True
 
 
 def test_a_call_without_session_leaves_nothing_in_the_store(llm, deltamem_engine):
@@ -171,7 +182,7 @@ def test_timeout_writes_nothing(deltamem_engine):
     slow = ChatDeltaMem(engine=deltamem_engine, max_tokens=8, timeout=1e-9)
     with pytest.raises(TimeoutError):
         slow.invoke("Count to ten.", session_id="lc-timeout")
-    assert deltamem_engine.get_session("lc-timeout").turn == 0  # created, nothing committed
+    assert not deltamem_engine.store.exists("lc-timeout")  # nothing committed, so nothing created
 
 
 def test_structured_output_path_runs(llm):

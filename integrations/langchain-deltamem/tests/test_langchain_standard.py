@@ -55,7 +55,11 @@ class TestChatDeltaMemUnit(ChatModelUnitTests):
 
 
 class TestChatDeltaMemIntegration(ChatModelIntegrationTests):
-    """Each test runs in its own session of the shared engine (named after the test); replies are capped short."""
+    """Each test runs in its own session of the shared engine (named after the test); replies are capped short.
+
+    The suite treats a chat model as stateless: a test sends several unrelated conversations (the same question
+    again, with other options) to one model, hence one session. In a session they are edits of one history, so
+    the suite opts into ``on_divergence="rollback"`` (the engine's default refuses them as conflicts)."""
 
     _engine: Any = None
     _session: str = "standard-suite"
@@ -71,7 +75,7 @@ class TestChatDeltaMemIntegration(ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
-        return {"engine": self._engine, "session_id": self._session, "max_tokens": 6}
+        return {"engine": self._engine, "session_id": self._session, "max_tokens": 6, "on_divergence": "rollback"}
 
     @property
     def has_tool_calling(self) -> bool:

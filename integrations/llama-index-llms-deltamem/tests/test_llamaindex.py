@@ -102,7 +102,12 @@ def test_session_routing_order():
     assert (call["temperature"], call["top_k"], call["stop"], call["max_new_tokens"]) == (0.5, 2, ["\n"], 3)
     assert "top_p" not in call and "repetition_penalty" not in call  # unset: the engine's defaults
     DeltaMemLLM(engine=engine).chat(msg, session_id="defaults")
-    assert not {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop"} & set(engine.calls[-1])
+    assert not {"max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "on_divergence"} & set(
+        engine.calls[-1])
+    llm.chat(msg, session_id="opts", on_divergence="rollback")  # passed through only when set
+    assert engine.calls[-1]["on_divergence"] == "rollback"
+    DeltaMemLLM(engine=engine, on_divergence="reject").chat(msg, session_id="opts")
+    assert engine.calls[-1]["on_divergence"] == "reject"
 
 
 def test_a_call_without_session_leaves_nothing_in_the_store(llm, deltamem_engine):

@@ -122,6 +122,9 @@ class DeltaMemLLM(LLM):
     namespace: str | None = Field(default=None, description="Namespace (tenant) of the sessions.")
     mode: Literal["windowed", "online", "state-only"] | None = Field(default=None, description="Engine mode.")
     history: Literal["auto", "full", "append"] = Field(default="auto", description="History reconciliation.")
+    on_divergence: Literal["reject", "rollback"] | None = Field(
+        default=None, description="A history that diverges from the session's: 'reject' (HistoryConflictError, "
+        "nothing written) or 'rollback' (replay it). None: the engine's default ('reject').")
     temperature: float | None = Field(default=None, ge=0.0,
                                       description="Sampling temperature; 0 is greedy. None: the engine's (0.2).")
     max_new_tokens: int | None = Field(default=None, ge=0,
@@ -199,7 +202,8 @@ class DeltaMemLLM(LLM):
         max_new = kwargs.pop("max_new_tokens", None)
         max_new = kwargs.pop("max_tokens", None) if max_new is None else max_new
         options = {
-            **target.call_options(kwargs.pop("history", self.history)),
+            **target.call_options(kwargs.pop("history", self.history),
+                                  kwargs.pop("on_divergence", self.on_divergence)),
             "mode": kwargs.pop("mode", self.mode),
             **generation_options(
                 max_new_tokens=max_new if max_new is not None else self.max_new_tokens,
