@@ -8,10 +8,10 @@ import torch
 from tiny_models import ARCHS, ids, randomize, tiny_model
 
 from deltamem_agents import DeltaMemConfig, attach
+from deltamem_agents.adapter import _cpu_kernel
 from deltamem_agents.models.kv_cache import forward_with_cache, new_cache
-from deltamem_agents.ops import cpu_fused
 
-pytestmark = pytest.mark.skipif(not cpu_fused.AVAILABLE, reason="numba not installed (or DELTAMEM_KERNEL=torch)")
+pytestmark = pytest.mark.skipif(not _cpu_kernel.AVAILABLE, reason="numba not installed")
 
 
 def _run(dm, tokens, mask, grad: bool):

@@ -1,0 +1,229 @@
+"""Which implementation runs a layer's memory computation: decided here, in one place, for every call.
+
+A δ-mem layer's call reads (and usually writes) its memory; several implementations compute the same thing:
+
+| implementation | what runs | when (``auto``) |
+|---|---|---|
+| ``numba-decode`` | one compiled call: projection, activations, read, write, query steering (``T == 1``) | CPU, float32, no gradient |
+| ``numba-scan`` | torch projection, then one compiled call: activations + scan (``T > 1``) | CPU, float32, no gradient |
+| ``triton-decode`` | torch projection, then one fused Triton step (``T == 1``) | CUDA, no gradient |
+| ``triton-scan`` | torch projection and activations, then the Triton chunked scan (differentiable) | CUDA otherwise |
+| ``torch`` | ``delta_rule_step`` / ``delta_rule_chunked`` (shared-gate for wide values) | everything else |
+| ``read`` | writes off: one einsum reads the fixed state (nothing to choose) | writes off |
+
+The choice depends on the call (device, dtypes, whether a gradient is needed, what it does with the memory: token
+writes, sequence-state writes, reads only), the adapter's options (the compiled CPU kernel covers the paper's rule,
+the pure delta rule and the authors' ``lambda_outside``, not ``decoupled``; neither compiled kernel serves wide
+values) and the preference: ``auto`` (default), ``torch``, ``numba`` or ``triton``, from ``DELTAMEM_KERNEL`` when
+the adapter is attached or :attr:`DeltaMemModel.kernel <deltamem_agents.adapter.model.DeltaMemModel.kernel>`
+later. A forced kernel that cannot serve a call raises :class:`KernelUnavailableError` saying why (no silent
+fallback); ``auto`` falls back to torch. ``auto`` never picks Triton on a CPU (its interpreter is for tests).
+
+Every implementation is tested against the torch path and the per-token reference
+(``tests/adapter/test_kernel_choice.py``, ``test_fast_path.py``, ``test_cpu_kernel.py``, ``test_triton_decode.py``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections import Counter
+
+import torch
+from torch import Tensor
+
+from . import _cpu_kernel
+from .config import DeltaMemConfig
+
+__all__ = [
+    "ENV_VAR",
+    "IMPLEMENTATIONS",
+    "KERNELS",
+    "KernelChoice",
+    "KernelUnavailableError",
+    "kernel_from_env",
+]
+
+ENV_VAR = "DELTAMEM_KERNEL"
+#: Kernel preferences: ``auto`` picks per call; the others force one family (torch serves every call).
+KERNELS = ("auto", "torch", "numba", "triton")
+
+# What a call does with the memory (planned by the model once per forward call).
+READ, TOKENS, SEQUENCE, MESSAGES = "read", "tokens", "sequence", "messages"
+
+NUMBA_DECODE, NUMBA_SCAN = "numba-decode", "numba-scan"
+TRITON_DECODE, TRITON_SCAN = "triton-decode", "triton-scan"
+TORCH, READ_ONLY = "torch", "read"
+IMPLEMENTATIONS = (NUMBA_DECODE, NUMBA_SCAN, TRITON_DECODE, TRITON_SCAN, TORCH, READ_ONLY)
+
+_F32 = torch.float32
+_TRITON_MAX_RANK = 64  # ops.triton_scan.MAX_RANK, without importing triton to know it
+
+
+class KernelUnavailableError(RuntimeError):
+    """A forced kernel (``DELTAMEM_KERNEL`` or ``DeltaMemModel.kernel``) cannot serve this call; the message says
+    why. ``auto`` never raises it."""
+
+
+def kernel_from_env() -> str:
+    """The kernel preference in ``DELTAMEM_KERNEL`` (``auto`` when unset).
+
+    Raises:
+        ValueError: an unknown value.
+    """
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    return check_kernel(value, f"{ENV_VAR}")
+
+
+def check_kernel(value: object, where: str = "kernel") -> str:
+    if value not in KERNELS:
+        raise ValueError(f"{where} must be one of {KERNELS}, got {value!r}")
+    return value
+
+
+_TRITON_INSTALLED: bool | None = None
+
+
+def _triton_installed() -> bool:
+    """Whether triton can be imported, without importing it (importing triton is slow and needs
+    ``TRITON_INTERPRET`` settled first; only a call that may run it imports it)."""
+    global _TRITON_INSTALLED
+    if _TRITON_INSTALLED is None:
+        _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
+
+
+class KernelChoice:
+    """The kernel decision of one :class:`~deltamem_agents.adapter.layer.DeltaMemLayer`.
+
+    The parts that depend only on the adapter's options are settled once here; :meth:`choose` adds what depends on
+    the call. It reads metadata only (devices, dtypes, ``requires_grad``), never a tensor's values: no host sync.
+
+    Attributes:
+        preference: ``auto``, ``torch``, ``numba`` or ``triton``.
+        numba_rule: the compiled CPU kernel's rule code (``_cpu_kernel.RULE_*``), or None where it cannot serve.
+        triton_update: the fused Triton decode step's ``update`` (``standard``, ``lambda_outside``, ``no_lambda``).
+        calls: how many calls each implementation served (:data:`IMPLEMENTATIONS`), for benchmarks and tests.
+    """
+
+    def __init__(self, config: DeltaMemConfig, parameters: dict[str, Tensor | None], preference: str = "auto") -> None:
+        self.preference = check_kernel(preference)
+        self._parameters = parameters  # the layer's live parameter dict (entries may become None: gates.py)
+        wide = config.wide_value
+        rule = None if wide else _cpu_kernel.kernel_rule(config.update_rule, config.state_update_mode)
+        self.numba_rule = rule
+        if not _cpu_kernel.AVAILABLE:
+            self._numba_static = "numba is not installed (pip install numba)"
+        elif wide:
+            self._numba_static = "wide values (d × r sub-states) are not covered by the compiled kernel"
+        elif rule is None:
+            self._numba_static = (f"update_rule {config.update_rule!r} (its own retention projection) is not "
+                                  "covered by the compiled kernel")
+        else:
+            self._numba_static = None
+        if wide:
+            self._triton_static = "wide values (d × r sub-states) are not covered by the Triton kernels"
+        elif config.rank > _TRITON_MAX_RANK:
+            self._triton_static = f"the Triton kernels support r <= {_TRITON_MAX_RANK}, this adapter has r = {config.rank}"
+        else:
+            self._triton_static = None
+        if config.update_rule == "delta":
+            self.triton_update = "no_lambda"  # λ = 1: lambda_outside's erase λβ is β, the same rule
+        else:
+            self.triton_update = config.state_update_mode
+        self._numba_first = False
+        self._set_fast_flag()
+        self.calls: Counter[str] = Counter()
+
+    def _set_fast_flag(self) -> None:
+        # the CPU inference hot path (decode: once per layer per token) is one test of this flag and four of the
+        # call; everything else goes through _choose
+        self._numba_first = self.preference in ("auto", "numba") and self._numba_static is None
+
+    def set_preference(self, preference: str) -> None:
+        self.preference = check_kernel(preference)
+        self._set_fast_flag()
+
+    def needs_grad(self, x: Tensor, memory: Tensor, out: Tensor | None = None) -> bool:
+        """Whether this call must be differentiable: grad mode on and the input, the state, the output to steer
+        (a trainable base projection) or a parameter of the layer requiring a gradient."""
+        if not torch.is_grad_enabled():
+            return False
+        if x.requires_grad or memory.requires_grad or (out is not None and out.requires_grad):
+            return True
+        return any(p is not None and p.requires_grad for p in self._parameters.values())
+
+    def choose(self, x: Tensor, memory: Tensor, form: str, out: Tensor | None = None) -> tuple[str, bool]:
+        """The implementation for one call, and whether it needs a gradient.
+
+        Args:
+            x: ``(B, T, d)`` the attention input of the call. memory: the layer's state before it.
+            form: what the call does: ``read`` (writes off), ``tokens`` (TSW/MSW), ``sequence`` (SSW, ours) or
+                ``messages`` (SSW, the authors' semantics).
+            out: the projection output the call steers (in place when no gradient is needed), or None.
+        Returns:
+            ``(implementation, needs_grad)``.
+        Raises:
+            KernelUnavailableError: a forced kernel cannot serve this call.
+        """
+        grad = self.needs_grad(x, memory, out)
+        if (self._numba_first and form == TOKENS and not grad and x.device.type == "cpu" and x.dtype == _F32
+                and memory.dtype == _F32):
+            impl = NUMBA_DECODE if x.shape[1] == 1 else NUMBA_SCAN
+        else:
+            impl = self._choose(x, memory, form, grad)
+        self.calls[impl] += 1
+        return impl, grad
+
+    def _choose(self, x: Tensor, memory: Tensor, form: str, grad: bool) -> str:
+        if form == READ:
+            return READ_ONLY  # one einsum of the fixed state: the same for every preference
+        pref = self.preference
+        if pref == "torch":
+            return TORCH
+        if pref == "auto":
+            if x.device.type == "cpu":  # numba when it can serve (the fast test in choose failed: it cannot)
+                return TORCH
+            return self._triton(x, form, grad) if self.triton_refusal(x, memory) is None else TORCH
+        reason = self.numba_refusal(x, memory, form, grad) if pref == "numba" else self.triton_refusal(x, memory)
+        if reason is not None:
+            raise KernelUnavailableError(f"kernel {pref!r} ({ENV_VAR} or DeltaMemModel.kernel) cannot serve this "
+                                         f"call: {reason}; use 'auto' to let each call take what can serve it")
+        if pref == "numba":
+            return NUMBA_DECODE if x.shape[1] == 1 else NUMBA_SCAN
+        return self._triton(x, form, grad)
+
+    @staticmethod
+    def _triton(x: Tensor, form: str, grad: bool) -> str:
+        # the fused decode step has no autograd; the scan handles T == 1 in one launch and is differentiable
+        return TRITON_DECODE if form == TOKENS and x.shape[1] == 1 and not grad else TRITON_SCAN
+
+    def numba_refusal(self, x: Tensor, memory: Tensor, form: str, grad: bool) -> str | None:
+        """Why the compiled CPU kernel cannot serve this call (None: it can)."""
+        if self._numba_static is not None:
+            return self._numba_static
+        if form != TOKENS:
+            return "sequence-state writes (SSW) are not covered by the compiled kernel"
+        if x.device.type != "cpu":
+            return f"the compiled kernel runs on the CPU, this call is on {x.device}"
+        if x.dtype != _F32 or memory.dtype != _F32:
+            return (f"the compiled kernel runs float32, this call has {x.dtype} hidden states and a {memory.dtype} "
+                    "state")
+        if grad:
+            return "this call needs gradients and the compiled kernel has no autograd"
+        return None
+
+    def triton_refusal(self, x: Tensor, memory: Tensor) -> str | None:
+        """Why the Triton kernels cannot serve this call (None: they can)."""
+        if self._triton_static is not None:
+            return self._triton_static
+        if not _triton_installed():
+            return 'triton is not installed (pip install "deltamem-agents[cuda]")'
+        from ..ops.triton_support import unavailable_reason
+
+        reason = unavailable_reason(x.device)
+        if reason is not None:
+            return reason
+        if memory.dtype != _F32:
+            return f"the Triton kernels keep a float32 state, this state is {memory.dtype} (float64: the torch paths)"
+        return None
