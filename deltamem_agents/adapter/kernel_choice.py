@@ -25,9 +25,11 @@ Every implementation is tested against the torch path and the per-token referenc
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections import Counter
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -42,6 +44,7 @@ __all__ = [
     "KernelChoice",
     "KernelUnavailableError",
     "kernel_from_env",
+    "triton_modules",
 ]
 
 ENV_VAR = "DELTAMEM_KERNEL"
@@ -81,16 +84,22 @@ def check_kernel(value: object, where: str = "kernel") -> str:
     return value
 
 
-_TRITON_INSTALLED: bool | None = None
-
-
+@functools.cache
 def _triton_installed() -> bool:
     """Whether triton can be imported, without importing it (importing triton is slow and needs
     ``TRITON_INTERPRET`` settled first; only a call that may run it imports it)."""
-    global _TRITON_INSTALLED
-    if _TRITON_INSTALLED is None:
-        _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
-    return _TRITON_INSTALLED
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def triton_modules() -> SimpleNamespace:
+    """The Triton code, imported on first use (once; the decode hot path asks for it every call): ``support``
+    (:mod:`deltamem_agents.ops.triton_support`), ``scan`` (:mod:`deltamem_agents.ops.triton_scan`) and ``decode``
+    (the layer's private fused step, ``adapter/_triton_decode.py``)."""
+    from ..ops import triton_scan, triton_support
+    from . import _triton_decode
+
+    return SimpleNamespace(support=triton_support, scan=triton_scan, decode=_triton_decode)
 
 
 class KernelChoice:
@@ -219,9 +228,7 @@ class KernelChoice:
             return self._triton_static
         if not _triton_installed():
             return 'triton is not installed (pip install "deltamem-agents[cuda]")'
-        from ..ops.triton_support import unavailable_reason
-
-        reason = unavailable_reason(x.device)
+        reason = triton_modules().support.unavailable_reason(x.device)
         if reason is not None:
             return reason
         if memory.dtype != _F32:

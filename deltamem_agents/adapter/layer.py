@@ -52,6 +52,7 @@ from .kernel_choice import (
     TRITON_SCAN,
     KernelChoice,
     kernel_from_env,
+    triton_modules,
 )
 from .segments import MessageWritePlan, SegmentPlan
 
@@ -415,12 +416,11 @@ class DeltaMemLayer(nn.Module):
         """The delta rule over ``(B, T, N, r)`` inputs by the ops' contract: Triton's scan, or the torch step
         (``T == 1``) / chunked form."""
         if triton:
-            from ..ops import triton_scan
-
+            scan = triton_modules().scan
             if erase is None:
-                return triton_scan.delta_rule_triton(q, k, v, beta, memory, mask, decay=decay)
+                return scan.delta_rule_triton(q, k, v, beta, memory, mask, decay=decay)
             keep = 1 - beta if decay is None else decay
-            return triton_scan.delta_rule_triton_affine(q, k, v, keep, erase, beta, memory, mask)
+            return scan.delta_rule_triton_affine(q, k, v, keep, erase, beta, memory, mask)
         if q.shape[1] == 1:
             return delta_rule_step(q, k, v, beta, memory, mask, decay=decay, erase=erase)
         return delta_rule_chunked(q, k, v, beta, memory, mask, chunk_size=self.config.chunk_size, decay=decay,
@@ -505,8 +505,6 @@ class DeltaMemLayer(nn.Module):
         """One position per row: the projection as one GEMM in the hidden states' dtype (bf16 on a GPU, fp32
         accumulation), then one fused Triton kernel (activations, read, write; float32 state). No host sync.
         ``x (B, 1, d)`` → reads ``(B, N·r)`` float32 and the new memory ``(B, N, r, r)`` float32."""
-        from . import _triton_decode
-
         dtype = x.dtype if x.dtype in _HALF_OR_SINGLE else memory.dtype
         w = self._fast_weights(dtype)
         B = x.shape[0]
@@ -515,7 +513,7 @@ class DeltaMemLayer(nn.Module):
         decay = None
         if self.lambda_proj is not None:  # decoupled: λ from its own projection, activated here
             decay = torch.sigmoid(F.linear(x2, _as(self.lambda_proj, x2)).float() + self.lambda_bias.float())
-        return _triton_decode.delta_rule_decode_triton(
+        return triton_modules().decode.delta_rule_decode_triton(
             p, self.beta_bias, memory.contiguous(), mask, num_states=self.num_states, rank=self.rank, decay=decay,
             update=self.kernels.triton_update, normalize_qk=self.config.normalize_qk,
         )
