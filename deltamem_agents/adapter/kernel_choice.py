@@ -103,21 +103,23 @@ def triton_modules() -> SimpleNamespace:
 
 
 class KernelChoice:
-    """The kernel decision of one :class:`~deltamem_agents.adapter.layer.DeltaMemLayer`.
+    """The kernel decision of the :class:`~deltamem_agents.adapter.layer.DeltaMemLayer` s of one adapter (they share
+    one: the same options and preference; a layer made on its own gets its own).
 
     The parts that depend only on the adapter's options are settled once here; :meth:`choose` adds what depends on
     the call. It reads metadata only (devices, dtypes, ``requires_grad``), never a tensor's values: no host sync.
+    Why shared: on a CPU every Python line of the decode step runs cold (the MLP's weights have just streamed
+    through the caches); one object for all layers stays warm where thirty would not.
 
     Attributes:
         preference: ``auto``, ``torch``, ``numba`` or ``triton``.
         numba_rule: the compiled CPU kernel's rule code (``_cpu_kernel.RULE_*``), or None where it cannot serve.
         triton_update: the fused Triton decode step's ``update`` (``standard``, ``lambda_outside``, ``no_lambda``).
-        calls: how many calls each implementation served (:data:`IMPLEMENTATIONS`), for benchmarks and tests.
+        calls: how many layer calls each implementation served (:data:`IMPLEMENTATIONS`), for benchmarks and tests.
     """
 
-    def __init__(self, config: DeltaMemConfig, parameters: dict[str, Tensor | None], preference: str = "auto") -> None:
+    def __init__(self, config: DeltaMemConfig, preference: str = "auto") -> None:
         self.preference = check_kernel(preference)
-        self._parameters = parameters  # the layer's live parameter dict (entries may become None: gates.py)
         wide = config.wide_value
         rule = None if wide else _cpu_kernel.kernel_rule(config.update_rule, config.state_update_mode)
         self.numba_rule = rule
@@ -143,6 +145,14 @@ class KernelChoice:
         self._numba_first = False
         self._set_fast_flag()
         self.calls: Counter[str] = Counter()
+        self._served: list[dict[str, Tensor | None]] = []  # the layers' live parameter dicts
+        self._weights_key: tuple | None = None
+        self._weights_generation = 0
+        self._checked_call: object = None
+
+    def serve(self, parameters: dict[str, Tensor | None]) -> None:
+        """Add a layer (its live parameter dict; entries may become None: ``training/gates.py``)."""
+        self._served.append(parameters)
 
     def _set_fast_flag(self) -> None:
         # the CPU inference hot path (decode: once per layer per token) is one test of this flag and four of the
@@ -153,31 +163,48 @@ class KernelChoice:
         self.preference = check_kernel(preference)
         self._set_fast_flag()
 
-    def needs_grad(self, x: Tensor, memory: Tensor, out: Tensor | None = None) -> bool:
+    def needs_grad(self, x: Tensor, memory: Tensor, out: Tensor | None, parameters: dict[str, Tensor | None]) -> bool:
         """Whether this call must be differentiable: grad mode on and the input, the state, the output to steer
-        (a trainable base projection) or a parameter of the layer requiring a gradient."""
+        (a trainable base projection) or a parameter of the layer (``parameters``) requiring a gradient."""
         if not torch.is_grad_enabled():
             return False
         if x.requires_grad or memory.requires_grad or (out is not None and out.requires_grad):
             return True
-        return any(p is not None and p.requires_grad for p in self._parameters.values())
+        return any(p is not None and p.requires_grad for p in parameters.values())
 
-    def choose(self, x: Tensor, memory: Tensor, form: str, out: Tensor | None = None) -> tuple[str, bool]:
-        """The implementation for one call, and whether it needs a gradient.
+    def weights_generation(self, call: object) -> int:
+        """A number that changes whenever a parameter of a served layer was replaced, moved or changed in place
+        (identity, data pointer and autograd version counter of each: an optimiser step, ``load_state_dict``,
+        ``.to()``): what the layers' inference weight copies are keyed on. Computed once per forward call
+        (``call``: the call's plan, by identity) for every layer at once — one tight loop instead of one per layer."""
+        if call is self._checked_call:
+            return self._weights_generation
+        key = tuple([(id(p), p._version, p.data_ptr()) for ps in self._served for p in ps.values() if p is not None])
+        if key != self._weights_key:
+            self._weights_key = key
+            self._weights_generation += 1
+        self._checked_call = call
+        return self._weights_generation
+
+    def choose(self, x: Tensor, memory: Tensor, form: str, out: Tensor | None,
+               parameters: dict[str, Tensor | None]) -> tuple[str, bool]:
+        """The implementation for one call of a layer, and whether it needs a gradient.
 
         Args:
             x: ``(B, T, d)`` the attention input of the call. memory: the layer's state before it.
             form: what the call does: ``read`` (writes off), ``tokens`` (TSW/MSW), ``sequence`` (SSW, ours) or
                 ``messages`` (SSW, the authors' semantics).
             out: the projection output the call steers (in place when no gradient is needed), or None.
+            parameters: the layer's parameter dict (does one need a gradient?).
         Returns:
             ``(implementation, needs_grad)``.
         Raises:
             KernelUnavailableError: a forced kernel cannot serve this call.
         """
-        grad = self.needs_grad(x, memory, out)
-        if (self._numba_first and form == TOKENS and not grad and x.device.type == "cpu" and x.dtype == _F32
-                and memory.dtype == _F32):
+        # CPU inference (decode: once per layer per token) is settled by the first test; every line here runs cold
+        # in situ (after the MLP's weights streamed through the caches), so it reads as little as it can
+        grad = torch.is_grad_enabled() and self.needs_grad(x, memory, out, parameters)
+        if self._numba_first and not grad and form == TOKENS and x.is_cpu and x.dtype is _F32 and memory.dtype is _F32:
             impl = NUMBA_DECODE if x.shape[1] == 1 else NUMBA_SCAN
         else:
             impl = self._choose(x, memory, form, grad)

@@ -105,7 +105,8 @@ class DeltaMemLayer(nn.Module):
 
     The parameters are created float32 by the model (float64 for a float64 base), whatever the base's dtype.
     ``kernel``: the kernel preference (``auto``, ``torch``, ``numba``, ``triton``; see :mod:`.kernel_choice`;
-    default ``DELTAMEM_KERNEL``, else ``auto``).
+    default ``DELTAMEM_KERNEL``, else ``auto``); ``kernels``: a :class:`KernelChoice` shared with the adapter's
+    other layers (the model passes one; ``kernel`` is then ignored).
 
     With ``wide_value`` (beyond the paper): ``in_proj`` is ``(2·N·r + N, d)`` rows ``[W_q^m; W_k^m; W_β]`` (one
     gate per sub-state), ``beta_bias`` and ``lambda_bias`` are ``(N,)``, ``lambda_proj`` ``(N, d)``, the state is
@@ -113,7 +114,7 @@ class DeltaMemLayer(nn.Module):
     """
 
     def __init__(self, hidden_size: int, q_out: int, o_out: int, config: DeltaMemConfig,
-                 kernel: str | None = None) -> None:
+                 kernel: str | None = None, kernels: KernelChoice | None = None) -> None:
         super().__init__()
         self.config = config
         self.num_states = config.num_states
@@ -133,7 +134,8 @@ class DeltaMemLayer(nn.Module):
         self.lambda_proj = nn.Parameter(torch.empty(gates, hidden_size)) if decoupled else None
         self.lambda_bias = nn.Parameter(torch.empty(gates)) if decoupled else None
         #: which implementation runs each call (the one place that decides; see :mod:`.kernel_choice`)
-        self.kernels = KernelChoice(config, self._parameters, kernel_from_env() if kernel is None else kernel)
+        self.kernels = kernels or KernelChoice(config, kernel_from_env() if kernel is None else kernel)
+        self.kernels.serve(self._parameters)
         # frozen v_proj/o_proj weights and head_dim of the attention (wide values only): references, not copies,
         # and a plain tuple so they are not registered as this layer's parameters
         self._wide_decoder: tuple[Tensor, Tensor, int] | None = None
@@ -276,12 +278,12 @@ class DeltaMemLayer(nn.Module):
         mask = call.write_mask
         if mask is not None and mask.device != x.device:
             mask = mask.to(x.device)
-        impl, grad = self.kernels.choose(x, memory, call.form, out)
+        impl, grad = self.kernels.choose(x, memory, call.form, out, self._parameters)
         steer = not call.writes or self.config.steer_writes
         if impl == NUMBA_DECODE and steer and out.is_contiguous():
-            w = self._fast_weights(torch.float32)
+            w = self._fast_weights(torch.float32, call)
             reads, memory = self._numba_decode(x, memory, mask, w, out)  # steers out in place when W_q^Δ exists
-            return None, self._pending_read(reads, w), memory, pending
+            return None, (None if w.delta_o_t is None else (reads, w.delta_o_t)), memory, pending
         reads, memory, pending = self._run(impl, x, memory, pending, mask, call)
         if not steer:
             return None, None, memory, pending  # write only: the base runs unchanged (steer_writes=False)
@@ -292,12 +294,12 @@ class DeltaMemLayer(nn.Module):
             new_out = None if self.delta_q is None else self.correct(out, reads, self.delta_q)
             return new_out, (None if self.delta_o is None else reads), memory, pending
         # inference: steer in place with cached transposed weights (no new (B, T, q_out) tensor)
-        w = self._fast_weights(out.dtype)
+        w = self._fast_weights(out.dtype, call)
         flat = reads.reshape(-1, reads.shape[-1]).to(out.dtype)
         new_out = None
         if w.delta_q_t is not None and not self.steer_(out, flat, w.delta_q_t):
             new_out = self.correct(out, flat.view(*out.shape[:2], -1), self.delta_q)
-        return new_out, self._pending_read(flat, w), memory, pending
+        return new_out, (None if w.delta_o_t is None else (flat, w.delta_o_t)), memory, pending
 
     def attend_output(self, out: Tensor, read: Any) -> Tensor | None:
         """The ``o_proj`` side: add ``(α/r)·W_o^Δ r`` (or the wide read's decoding) to ``out (B, T, o_out)``.
@@ -311,9 +313,6 @@ class DeltaMemLayer(nn.Module):
                 return None
             read = flat.view(*out.shape[:2], -1)
         return self.correct(out, read.to(out.dtype), self.delta_o)
-
-    def _pending_read(self, flat: Tensor, w: _FastWeights) -> tuple[Tensor, Tensor] | None:
-        return None if w.delta_o_t is None else (flat, w.delta_o_t)
 
     def set_wide_decoder(self, v_weight: Tensor, o_weight: Tensor, head_dim: int) -> None:
         """The frozen ``v_proj``/``o_proj`` weights (and head_dim) that decode a wide read (wide values only)."""
@@ -341,7 +340,7 @@ class DeltaMemLayer(nn.Module):
         Returns:
             reads ``(B, T, N·r)`` (the state's dtype) and the new memory ``(B, N, r, r)``.
         """
-        impl, _ = self.kernels.choose(x, memory, TOKENS)
+        impl, _ = self.kernels.choose(x, memory, TOKENS, None, self._parameters)
         reads, memory, _ = self._run(impl, x, memory, None, mask, None)
         return reads, memory
 
@@ -355,7 +354,7 @@ class DeltaMemLayer(nn.Module):
         Returns:
             reads ``(B, T, N·r)``, new memory, new pending_sum.
         """
-        impl, _ = self.kernels.choose(x, memory, SEQUENCE)
+        impl, _ = self.kernels.choose(x, memory, SEQUENCE, None, self._parameters)
         return self._sequence_write(x, memory, pending_sum, plan, impl == TRITON_SCAN)
 
     def message_write(self, x: Tensor, memory: Tensor, plan: MessageWritePlan) -> tuple[Tensor, Tensor]:
@@ -368,7 +367,7 @@ class DeltaMemLayer(nn.Module):
         Returns:
             reads ``(B, T, N·r)`` and the new memory.
         """
-        impl, _ = self.kernels.choose(x, memory, MESSAGES)
+        impl, _ = self.kernels.choose(x, memory, MESSAGES, None, self._parameters)
         return self._message_write(x, memory, plan, impl == TRITON_SCAN)
 
     def _run(
@@ -386,11 +385,11 @@ class DeltaMemLayer(nn.Module):
             return (*self._message_write(x, memory, call.message_plan, triton), pending)
         B, T, _ = x.shape
         if impl == NUMBA_DECODE:
-            reads, memory = self._numba_decode(x, memory, mask, self._fast_weights(torch.float32), None)
+            reads, memory = self._numba_decode(x, memory, mask, self._fast_weights(torch.float32, call), None)
         elif impl == NUMBA_SCAN:
-            reads, memory = self._numba_scan(x, memory, mask)
+            reads, memory = self._numba_scan(x, memory, mask, self._fast_weights(torch.float32, call))
         elif impl == TRITON_DECODE:
-            reads, memory = self._triton_step(x, memory, mask)
+            reads, memory = self._triton_step(x, memory, mask, call)
         else:
             return (*self._scan_tokens(x, memory, mask, triton), pending)
         return reads.view(B, T, -1), memory, pending
@@ -486,27 +485,27 @@ class DeltaMemLayer(nn.Module):
         B, _, d = x.shape
         wq_t = w.delta_q_t if out_q is not None else None
         return _cpu_kernel.decode_write_steer_(
-            x.reshape(B, d).contiguous(), w.in_t, w.bias_np, memory, mask,
+            x.view(B, d) if x.is_contiguous() else x.reshape(B, d).contiguous(), w.in_t, w.bias_np, memory, mask,
             None if wq_t is None else out_q.view(B, -1), wq_t, self.scale, self.num_states, self.rank,
             self.kernels.numba_rule, self.config.normalize_qk,
         )
 
-    def _numba_scan(self, x: Tensor, memory: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _numba_scan(self, x: Tensor, memory: Tensor, mask: Tensor | None, w: _FastWeights) -> tuple[Tensor, Tensor]:
         """TSW/MSW read + write for inference: torch projection, then one compiled call (activations + scan).
         ``x (B, T, d)`` float32 CPU → reads ``(B, T, N·r)`` and the new memory."""
-        w = self._fast_weights(torch.float32)
         B, T, d = x.shape
         p = torch.mm(x.reshape(B * T, d), w.in_t).view(B, T, -1)
         return _cpu_kernel.fused_write_unchecked(p, w.bias_np, memory, None if mask is None else mask.contiguous(),
                                                  self.num_states, self.rank, self.kernels.numba_rule,
                                                  self.config.normalize_qk)
 
-    def _triton_step(self, x: Tensor, memory: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _triton_step(self, x: Tensor, memory: Tensor, mask: Tensor | None,
+                     call: MemoryCall | None) -> tuple[Tensor, Tensor]:
         """One position per row: the projection as one GEMM in the hidden states' dtype (bf16 on a GPU, fp32
         accumulation), then one fused Triton kernel (activations, read, write; float32 state). No host sync.
         ``x (B, 1, d)`` → reads ``(B, N·r)`` float32 and the new memory ``(B, N, r, r)`` float32."""
         dtype = x.dtype if x.dtype in _HALF_OR_SINGLE else memory.dtype
-        w = self._fast_weights(dtype)
+        w = self._fast_weights(dtype, call)
         B = x.shape[0]
         x2 = x.reshape(B, -1).to(dtype)
         p = torch.mm(x2, w.in_t)
@@ -518,17 +517,20 @@ class DeltaMemLayer(nn.Module):
             update=self.kernels.triton_update, normalize_qk=self.config.normalize_qk,
         )
 
-    def _fast_weights(self, dtype: torch.dtype) -> _FastWeights:
+    def _fast_weights(self, dtype: torch.dtype, call: MemoryCall | None = None) -> _FastWeights:
         """Contiguous transposed copies of the weights in ``dtype`` (the base's compute dtype), rebuilt when a
         parameter changes.
 
         Why: ``addmm`` with a transposed (non-contiguous) weight costs 2× on a 1-token CPU call, and the decode hot
         path runs 60 of them per token; on a GPU, casting the float32 weights to bf16 would be one more launch per
-        use. Keyed on the dtype, the device and every parameter's identity and version counter (bumped by any
-        in-place change: an optimiser step, ``load_state_dict``), so stale copies are never used.
+        use. Keyed on the dtype and the identity, data pointer and version counter of every parameter (through the
+        kernel choice's weights generation, checked once per forward call ``call`` for all layers), so stale copies
+        are never used.
         """
-        key = (dtype, self.in_proj.device,
-               tuple([(id(p), p._version) for p in self._parameters.values() if p is not None]))
+        if call is not None:
+            key = (dtype, self.kernels.weights_generation(call))
+        else:  # a call from outside the model's forward: this layer's own parameters, every time
+            key = (dtype, tuple([(id(p), p._version, p.data_ptr()) for p in self._parameters.values() if p is not None]))
         cached = self._fast_cache
         if cached is None or cached[0] != key:
             with torch.no_grad():

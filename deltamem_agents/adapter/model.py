@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .architectures import ArchitectureSpec, resolve_architecture
 from .config import DeltaMemConfig
 from .interception import Interception, intercept_output
-from .kernel_choice import check_kernel, kernel_from_env
+from .kernel_choice import KernelChoice, check_kernel, kernel_from_env
 from .layer import DeltaMemLayer, MemoryCall
 from .segments import plan_message_writes, plan_segments
 from .state import DeltaMemState
@@ -52,7 +52,7 @@ class DeltaMemModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
 
-        kernel = kernel_from_env()
+        kernels = KernelChoice(config, kernel_from_env())  # one for all layers (see KernelChoice)
         self.delta_layers = nn.ModuleDict()
         self._handles: list[torch.utils.hooks.RemovableHandle | Interception] = []
         self._targets: list[tuple[int, DeltaMemLayer, nn.Linear, nn.Linear]] = []
@@ -60,7 +60,8 @@ class DeltaMemModel(nn.Module):
             attn = getattr(decoder_layers[idx], spec.attention)
             q_proj: nn.Linear = getattr(attn, spec.q_proj)
             o_proj: nn.Linear = getattr(attn, spec.o_proj)
-            layer = DeltaMemLayer(q_proj.in_features, q_proj.out_features, o_proj.out_features, config, kernel)
+            layer = DeltaMemLayer(q_proj.in_features, q_proj.out_features, o_proj.out_features, config,
+                                  kernels=kernels)
             layer.to(device=q_proj.weight.device, dtype=_adapter_dtype(q_proj.weight.dtype))
             v_proj = getattr(attn, spec.v_proj, None)
             head_dim = getattr(attn, "head_dim", None)  # HF attention modules carry it (only wide/ov_svd use it)
@@ -173,8 +174,9 @@ class DeltaMemModel(nn.Module):
         """How many layer calls each implementation served since the adapter was attached (summed over the
         layers): ``numba-decode``, ``numba-scan``, ``triton-decode``, ``triton-scan``, ``torch``, ``read``."""
         total: dict[str, int] = {}
-        for layer in self.delta_layers.values():
-            for name, n in layer.kernels.calls.items():
+        choices = {id(layer.kernels): layer.kernels for layer in self.delta_layers.values()}  # shared: count once
+        for choice in choices.values():
+            for name, n in choice.calls.items():
                 total[name] = total.get(name, 0) + n
         return total
 

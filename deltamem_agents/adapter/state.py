@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+__all__ = ["NO_SEGMENT", "DeltaMemState"]
+
 NO_SEGMENT = -1
 
 
