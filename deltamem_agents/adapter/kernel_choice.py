@@ -1,15 +1,17 @@
 """Which implementation runs a layer's memory computation: decided here, in one place, for every call.
 
-A δ-mem layer's call reads (and usually writes) its memory; several implementations compute the same thing:
+A δ-mem layer's call reads (and usually writes) its memory; several implementations compute the same thing
+(and what ``auto`` picks them for):
 
-| implementation | what runs | when (``auto``) |
-|---|---|---|
-| ``numba-decode`` | one compiled call: projection, activations, read, write, query steering (``T == 1``) | CPU, float32, no gradient |
-| ``numba-scan`` | torch projection, then one compiled call: activations + scan (``T > 1``) | CPU, float32, no gradient |
-| ``triton-decode`` | torch projection, then one fused Triton step (``T == 1``) | CUDA, no gradient |
-| ``triton-scan`` | torch projection and activations, then the Triton chunked scan (differentiable) | CUDA otherwise |
-| ``torch`` | ``delta_rule_step`` / ``delta_rule_chunked`` (shared-gate for wide values) | everything else |
-| ``read`` | writes off: one einsum reads the fixed state (nothing to choose) | writes off |
+* ``numba-decode``: one compiled call — projection, activations, read, write, query steering (``T == 1``; CPU,
+  float32, no gradient);
+* ``numba-scan``: torch projection, then one compiled call — activations + scan (``T > 1``; CPU, float32, no
+  gradient);
+* ``triton-decode``: torch projection, then one fused Triton step (``T == 1``; CUDA, no gradient);
+* ``triton-scan``: torch projection and activations, then the Triton chunked scan, differentiable (CUDA
+  otherwise: prefill, training, SSW);
+* ``torch``: ``delta_rule_step`` / ``delta_rule_chunked`` (shared-gate for wide values): everything else;
+* ``read``: writes off, one einsum reads the fixed state (nothing to choose).
 
 The choice depends on the call (device, dtypes, whether a gradient is needed, what it does with the memory: token
 writes, sequence-state writes, reads only), the adapter's options (the compiled CPU kernel covers the paper's rule,

@@ -530,7 +530,8 @@ class DeltaMemLayer(nn.Module):
         if call is not None:
             key = (dtype, self.kernels.weights_generation(call))
         else:  # a call from outside the model's forward: this layer's own parameters, every time
-            key = (dtype, tuple([(id(p), p._version, p.data_ptr()) for p in self._parameters.values() if p is not None]))
+            params = [p for p in self._parameters.values() if p is not None]
+            key = (dtype, tuple([(id(p), p._version, p.data_ptr()) for p in params]))
         cached = self._fast_cache
         if cached is None or cached[0] != key:
             with torch.no_grad():
