@@ -10,6 +10,7 @@ from .io import (
     read_adapter_metadata,
     save_adapter,
 )
+from .kernel_choice import KERNELS, KernelUnavailableError
 from .layer import DeltaMemLayer
 from .model import DeltaMemModel, attach
 from .official import (
@@ -29,6 +30,8 @@ __all__ = [
     "DeltaMemLayer",
     "DeltaMemModel",
     "DeltaMemState",
+    "KERNELS",
+    "KernelUnavailableError",
     "OfficialTensorError",
     "UnsupportedArchitectureError",
     "UnsupportedOfficialConfigError",

@@ -15,23 +15,82 @@ attention branches are steered by ``(α/r)·W_q^Δ r_t`` (added to the output of
 (added to the output of ``o_proj``).
 
 The memory arithmetic runs in the dtype of the state it is given (float32 by default whatever the model dtype;
-float64 for a float64 model): the methods take the state and cast the projections to its dtype.
+float64 for a float64 model): the methods take the state and cast the projections to its dtype. The parameters are
+float32 whatever the base model's dtype (float64 for a float64 model): on a bf16 base the projections and
+corrections run in bf16 through casts of the float32 weights (autograd carries the gradients back to them), the way
+mixed-precision training keeps float32 master weights — an AdamW step on bf16 weights would round most updates of
+these small matrices away.
+
+Which implementation computes a call (the compiled CPU kernel, the Triton kernels or the torch paths) is decided
+in one place, :class:`~deltamem_agents.adapter.kernel_choice.KernelChoice` (``self.kernels``), for every call; the
+model's hooks call :meth:`DeltaMemLayer.attend_query` and :meth:`DeltaMemLayer.attend_output` and do not know which
+one runs.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import cpu_fused, delta_rule_chunked, delta_rule_step
-from ..ops.shared_gate import delta_rule_chunked_shared_gate
+from ..ops import delta_rule_chunked, delta_rule_chunked_shared_gate, delta_rule_step
+from . import _cpu_kernel
 from .config import DeltaMemConfig
+from .kernel_choice import (
+    MESSAGES,
+    NUMBA_DECODE,
+    NUMBA_SCAN,
+    READ,
+    SEQUENCE,
+    TOKENS,
+    TRITON_DECODE,
+    TRITON_SCAN,
+    KernelChoice,
+    kernel_from_env,
+    triton_modules,
+)
 from .segments import MessageWritePlan, SegmentPlan
 
+__all__ = ["DeltaMemLayer", "MemoryCall"]
+
 L2_EPS = 1e-6
+_HALF_OR_SINGLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class MemoryCall:
+    """What one forward call does with the memory: planned once by the model's pre-hook, shared by every layer.
+
+    Attributes:
+        writes: the call writes the memory (False: every token reads the fixed state).
+        write_mask: ``(B, T)`` bool, False = padding (writes nothing), or None. Passed as given, never checked on
+            the host (``mask.all()`` would be a device sync per call on a GPU); an all-True mask is served by
+            every kernel.
+        plan: SSW (our semantics): the call's :class:`SegmentPlan`.
+        message_plan: SSW (the authors' semantics): the call's :class:`MessageWritePlan`.
+        form: ``read``, ``tokens``, ``sequence`` or ``messages`` (derived).
+    """
+
+    writes: bool = True
+    write_mask: Tensor | None = None
+    plan: SegmentPlan | None = None
+    message_plan: MessageWritePlan | None = None
+    form: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.writes:
+            self.form = READ
+        elif self.message_plan is not None:
+            self.form = MESSAGES
+        elif self.plan is not None:
+            self.form = SEQUENCE
+        else:
+            self.form = TOKENS
 
 
 class DeltaMemLayer(nn.Module):
@@ -44,12 +103,18 @@ class DeltaMemLayer(nn.Module):
         delta_o: ``(o_out, N·r)`` correction of the output branch (absent when ``"o"`` is not corrected).
         lambda_proj, lambda_bias: ``(N·r, d)`` and ``(N·r,)`` retention gate (``update_rule="decoupled"`` only).
 
+    The parameters are created float32 by the model (float64 for a float64 base), whatever the base's dtype.
+    ``kernel``: the kernel preference (``auto``, ``torch``, ``numba``, ``triton``; see :mod:`.kernel_choice`;
+    default ``DELTAMEM_KERNEL``, else ``auto``); ``kernels``: a :class:`KernelChoice` shared with the adapter's
+    other layers (the model passes one; ``kernel`` is then ignored).
+
     With ``wide_value`` (beyond the paper): ``in_proj`` is ``(2·N·r + N, d)`` rows ``[W_q^m; W_k^m; W_β]`` (one
     gate per sub-state), ``beta_bias`` and ``lambda_bias`` are ``(N,)``, ``lambda_proj`` ``(N, d)``, the state is
     ``(B, N, d, r)``, there are no ``delta_q``/``delta_o`` and ``wide_gain (1,)`` scales the decoded read.
     """
 
-    def __init__(self, hidden_size: int, q_out: int, o_out: int, config: DeltaMemConfig) -> None:
+    def __init__(self, hidden_size: int, q_out: int, o_out: int, config: DeltaMemConfig,
+                 kernel: str | None = None, kernels: KernelChoice | None = None) -> None:
         super().__init__()
         self.config = config
         self.num_states = config.num_states
@@ -68,9 +133,14 @@ class DeltaMemLayer(nn.Module):
         decoupled = config.update_rule == "decoupled"
         self.lambda_proj = nn.Parameter(torch.empty(gates, hidden_size)) if decoupled else None
         self.lambda_bias = nn.Parameter(torch.empty(gates)) if decoupled else None
-        #: the compiled CPU kernel's rule code, or None when it does not cover this layer (decided once: the
-        #: decode hot path reads it per layer and token)
-        self.kernel_rule = None if self.wide else cpu_fused.kernel_rule(config.update_rule, config.state_update_mode)
+        #: which implementation runs each call (the one place that decides; see :mod:`.kernel_choice`)
+        self.kernels = kernels or KernelChoice(config, kernel_from_env() if kernel is None else kernel)
+        self.kernels.serve(self._parameters)
+        # frozen v_proj/o_proj weights and head_dim of the attention (wide values only): references, not copies,
+        # and a plain tuple so they are not registered as this layer's parameters
+        self._wide_decoder: tuple[Tensor, Tensor, int] | None = None
+        # contiguous transposed weight copies for the inference paths, keyed on dtype and parameter versions
+        self._fast_cache: tuple[Any, _FastWeights] | None = None
 
     @torch.no_grad()
     def reset_parameters(self, q_weight: Tensor | None = None, o_weight: Tensor | None = None,
@@ -185,7 +255,74 @@ class DeltaMemLayer(nn.Module):
         q = p[..., : self.num_states * self.rank].reshape(B, T, self.num_states, self.rank)
         return self.activate_qk(q)
 
-    # -- read and write -----------------------------------------------------------------------------------------
+
+    # -- one forward call: the entry points of the model's hooks ------------------------------------------------
+    def attend_query(
+        self, x: Tensor, out: Tensor, memory: Tensor, pending: Tensor | None, call: MemoryCall
+    ) -> tuple[Tensor | None, Any, Tensor, Tensor | None]:
+        """The ``q_proj`` side of one forward call: read (and, with writes on, write) the memory and steer
+        ``q_proj``'s output by ``(α/r)·W_q^Δ r``.
+
+        Args:
+            x: ``(B, T, d)`` the attention input (``q_proj``'s input). out: ``(B, T, q_out)`` ``q_proj``'s output.
+            memory: the layer's state before the call, ``(B, N, r, r)`` (``(B, N, d, r)`` with wide values).
+            pending: SSW (our semantics): ``(B, 4·N·r)`` the open message's projection sum; otherwise None.
+            call: the call's :class:`MemoryCall`.
+        Returns:
+            ``(new_out, read, memory, pending)``: the steered output, or None when ``out`` stands (steered in place,
+            or not steered); what :meth:`attend_output` needs (None: nothing to add there); the new state; the new
+            pending sum (None unless SSW, our semantics).
+        """
+        if memory.device != x.device:  # a model spread over devices: the state lives with the first layer
+            memory = memory.to(x.device)
+        mask = call.write_mask
+        if mask is not None and mask.device != x.device:
+            mask = mask.to(x.device)
+        impl, grad = self.kernels.choose(x, memory, call.form, out, self._parameters)
+        steer = not call.writes or self.config.steer_writes
+        if impl == NUMBA_DECODE and steer and out.is_contiguous():
+            w = self._fast_weights(torch.float32, call)
+            reads, memory = self._numba_decode(x, memory, mask, w, out)  # steers out in place when W_q^Δ exists
+            return None, (None if w.delta_o_t is None else (reads, w.delta_o_t)), memory, pending
+        reads, memory, pending = self._run(impl, x, memory, pending, mask, call)
+        if not steer:
+            return None, None, memory, pending  # write only: the base runs unchanged (steer_writes=False)
+        if self.wide:
+            return None, reads, memory, pending  # a wide read decodes on the o side only
+        if grad:
+            reads = reads.to(out.dtype)
+            new_out = None if self.delta_q is None else self.correct(out, reads, self.delta_q)
+            return new_out, (None if self.delta_o is None else reads), memory, pending
+        # inference: steer in place with cached transposed weights (no new (B, T, q_out) tensor)
+        w = self._fast_weights(out.dtype, call)
+        flat = reads.reshape(-1, reads.shape[-1]).to(out.dtype)
+        new_out = None
+        if w.delta_q_t is not None and not self.steer_(out, flat, w.delta_q_t):
+            new_out = self.correct(out, flat.view(*out.shape[:2], -1), self.delta_q)
+        return new_out, (None if w.delta_o_t is None else (flat, w.delta_o_t)), memory, pending
+
+    def attend_output(self, out: Tensor, read: Any) -> Tensor | None:
+        """The ``o_proj`` side: add ``(α/r)·W_o^Δ r`` (or the wide read's decoding) to ``out (B, T, o_out)``.
+        ``read`` is what :meth:`attend_query` returned for this call. Returns the new output, or None when ``out``
+        stands (steered in place)."""
+        if self.wide:
+            return self.wide_output(out, read, *self._wide_decoder)
+        if type(read) is tuple:  # inference: (reads (B·T, N·r) in out's dtype, W_o^Δᵀ)
+            flat, delta_o_t = read
+            if self.steer_(out, flat, delta_o_t):
+                return None
+            read = flat.view(*out.shape[:2], -1)
+        return self.correct(out, read.to(out.dtype), self.delta_o)
+
+    def set_wide_decoder(self, v_weight: Tensor, o_weight: Tensor, head_dim: int) -> None:
+        """The frozen ``v_proj``/``o_proj`` weights (and head_dim) that decode a wide read (wide values only)."""
+        self._wide_decoder = (v_weight, o_weight, int(head_dim))
+
+    def set_kernel(self, kernel: str) -> None:
+        """The kernel preference: ``auto``, ``torch``, ``numba`` or ``triton`` (see :mod:`.kernel_choice`)."""
+        self.kernels.set_preference(kernel)
+
+    # -- the forms of a call (each asks the kernel choice, then runs what it picked) ----------------------------
     def read_only(self, x: Tensor, memory: Tensor) -> Tensor:
         """Every token reads the fixed state. ``x (B,T,d)``, ``memory (B,N,r,r)`` → reads ``(B,T,N·r)`` in the
         state's dtype."""
@@ -196,41 +333,16 @@ class DeltaMemLayer(nn.Module):
         return out.reshape(*out.shape[:2], -1)
 
     def token_write(self, x: Tensor, memory: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-        """TSW/MSW: read then write at every unmasked token.
+        """TSW/MSW: read then write at every unmasked token, by whichever implementation the kernel choice picks.
 
         Args:
             x: ``(B, T, d)`` attention input. memory: ``(B, N, r, r)``. mask: ``(B, T)`` bool or None.
         Returns:
             reads ``(B, T, N·r)`` (the state's dtype) and the new memory ``(B, N, r, r)``.
         """
-        p = self.project(x, memory.dtype)
-        rule = self.kernel_rule
-        if rule is not None and self._use_fused_kernel(p, memory):
-            return cpu_fused.delta_rule_fused_cpu(p, self.beta_bias, memory, mask, self.num_states, self.rank,
-                                                  rule=rule, normalize_qk=self.config.normalize_qk)
-        q, k, v, beta = self.split(p, x)
-        decay, erase = self.gates(x, beta)
-        if self.wide and x.shape[1] > 1:  # one gate per sub-state: the shared-gate chunked form (tested equal)
-            out, memory = delta_rule_chunked_shared_gate(
-                q, k, v, beta[..., 0], memory, mask, chunk_size=self.config.chunk_size,
-                decay=None if decay is None else decay[..., 0])
-            return out.sum(2), memory
-        if x.shape[1] == 1:
-            out, memory = delta_rule_step(q, k, v, beta, memory, mask, decay=decay, erase=erase)
-        else:
-            out, memory = delta_rule_chunked(q, k, v, beta, memory, mask, chunk_size=self.config.chunk_size,
-                                             decay=decay, erase=erase)
-        if self.wide:
-            return out.sum(2), memory
-        return out.reshape(*out.shape[:2], -1), memory
-
-    def _use_fused_kernel(self, p: Tensor, memory: Tensor) -> bool:
-        """The compiled CPU kernel has no autograd and runs float32: use it only when nothing needs a gradient."""
-        if not cpu_fused.AVAILABLE or p.device.type != "cpu" or p.dtype != torch.float32:
-            return False
-        if memory.dtype != torch.float32:
-            return False
-        return not (torch.is_grad_enabled() and (p.requires_grad or self.beta_bias.requires_grad))
+        impl, _ = self.kernels.choose(x, memory, TOKENS, None, self._parameters)
+        reads, memory, _ = self._run(impl, x, memory, None, mask, None)
+        return reads, memory
 
     def sequence_write(
         self, x: Tensor, memory: Tensor, pending_sum: Tensor, plan: SegmentPlan
@@ -242,10 +354,84 @@ class DeltaMemLayer(nn.Module):
         Returns:
             reads ``(B, T, N·r)``, new memory, new pending_sum.
         """
+        impl, _ = self.kernels.choose(x, memory, SEQUENCE, None, self._parameters)
+        return self._sequence_write(x, memory, pending_sum, plan, impl == TRITON_SCAN)
+
+    def message_write(self, x: Tensor, memory: Tensor, plan: MessageWritePlan) -> tuple[Tensor, Tensor]:
+        """SSW with the authors' semantics (``ssw_semantics="official"``): every token reads ``memory`` (the state
+        at the start of the call); then each message of the call is written once, in ascending id order, with
+        the memory projections of the mean of its tokens' hidden states.
+
+        Args:
+            x: ``(B, T, d)``. memory: ``(B, N, r, r)``. plan: the call's :class:`MessageWritePlan`.
+        Returns:
+            reads ``(B, T, N·r)`` and the new memory.
+        """
+        impl, _ = self.kernels.choose(x, memory, MESSAGES, None, self._parameters)
+        return self._message_write(x, memory, plan, impl == TRITON_SCAN)
+
+    def _run(
+        self, impl: str, x: Tensor, memory: Tensor, pending: Tensor | None, mask: Tensor | None,
+        call: MemoryCall | None,
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Run the implementation ``impl`` picked for this call: ``(reads (B, T, width), memory, pending)``."""
+        form = TOKENS if call is None else call.form
+        triton = impl == TRITON_SCAN
+        if form == READ:
+            return self.read_only(x, memory), memory, pending
+        if form == SEQUENCE:
+            return self._sequence_write(x, memory, pending, call.plan, triton)
+        if form == MESSAGES:
+            return (*self._message_write(x, memory, call.message_plan, triton), pending)
+        B, T, _ = x.shape
+        if impl == NUMBA_DECODE:
+            reads, memory = self._numba_decode(x, memory, mask, self._fast_weights(torch.float32, call), None)
+        elif impl == NUMBA_SCAN:
+            reads, memory = self._numba_scan(x, memory, mask, self._fast_weights(torch.float32, call))
+        elif impl == TRITON_DECODE:
+            reads, memory = self._triton_step(x, memory, mask, call)
+        else:
+            return (*self._scan_tokens(x, memory, mask, triton), pending)
+        return reads.view(B, T, -1), memory, pending
+
+    # -- the torch (and Triton scan) paths ------------------------------------------------------------------------
+    def _scan_tokens(self, x: Tensor, memory: Tensor, mask: Tensor | None, triton: bool) -> tuple[Tensor, Tensor]:
+        p = self.project(x, memory.dtype)
+        q, k, v, beta = self.split(p, x)
+        decay, erase = self.gates(x, beta)
+        if self.wide:
+            if x.shape[1] > 1:  # one gate per sub-state: the shared-gate chunked form (tested equal)
+                out, memory = delta_rule_chunked_shared_gate(
+                    q, k, v, beta[..., 0], memory, mask, chunk_size=self.config.chunk_size,
+                    decay=None if decay is None else decay[..., 0])
+            else:
+                out, memory = delta_rule_step(q, k, v, beta, memory, mask, decay=decay)
+            return out.sum(2), memory
+        out, memory = self._scan(q, k, v, beta, memory, mask, decay, erase, triton)
+        return out.reshape(*out.shape[:2], -1), memory
+
+    def _scan(self, q: Tensor, k: Tensor, v: Tensor, beta: Tensor, memory: Tensor, mask: Tensor | None,
+              decay: Tensor | None, erase: Tensor | None, triton: bool) -> tuple[Tensor, Tensor]:
+        """The delta rule over ``(B, T, N, r)`` inputs by the ops' contract: Triton's scan, or the torch step
+        (``T == 1``) / chunked form."""
+        if triton:
+            scan = triton_modules().scan
+            if erase is None:
+                return scan.delta_rule_triton(q, k, v, beta, memory, mask, decay=decay)
+            keep = 1 - beta if decay is None else decay
+            return scan.delta_rule_triton_affine(q, k, v, keep, erase, beta, memory, mask)
+        if q.shape[1] == 1:
+            return delta_rule_step(q, k, v, beta, memory, mask, decay=decay, erase=erase)
+        return delta_rule_chunked(q, k, v, beta, memory, mask, chunk_size=self.config.chunk_size, decay=decay,
+                                  erase=erase)
+
+    def _sequence_write(
+        self, x: Tensor, memory: Tensor, pending_sum: Tensor, plan: SegmentPlan, triton: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
         p = self.project(x, memory.dtype)
         B, T, W = p.shape
         N, r = self.num_states, self.rank
-        pending_sum = pending_sum.to(p.dtype)
+        pending_sum = pending_sum.to(p.device, p.dtype)
         sums = torch.zeros(B, plan.num_slots, W, device=p.device, dtype=p.dtype)
         sums = sums.scatter_add(1, plan.token_slot[..., None].expand(B, T, W), p * plan.mask[..., None])
         sums = torch.cat([sums[:, :1] + pending_sum[:, None], sums[:, 1:]], dim=1)
@@ -265,26 +451,16 @@ class DeltaMemLayer(nn.Module):
         e_ext = None if erase_w is None else p.new_zeros(B, ext, N, r).scatter(1, wpos, erase_w)
         mask_ext = torch.zeros(B, ext, dtype=torch.bool, device=p.device).scatter(1, plan.write_pos, plan.write_valid)
         cut = slice(0, plan.ext_len)
-        out, memory = delta_rule_chunked(
+        out, memory = self._scan(
             q_ext[:, cut], k_ext[:, cut], v_ext[:, cut], b_ext[:, cut], memory, mask_ext[:, cut],
-            chunk_size=self.config.chunk_size,
-            decay=torch.ones_like(b_ext[:, cut]) if self.config.update_rule == "delta" else None,
-            erase=None if e_ext is None else e_ext[:, cut],
+            torch.ones_like(b_ext[:, cut]) if self.config.update_rule == "delta" else None,
+            None if e_ext is None else e_ext[:, cut], triton,
         )
         reads = out.gather(1, plan.token_pos[..., None, None].expand(B, T, N, r))
         pending = sums.gather(1, plan.last_slot[:, None, None].expand(B, 1, W))[:, 0]
         return reads.reshape(B, T, N * r), memory, pending
 
-    def message_write(self, x: Tensor, memory: Tensor, plan: MessageWritePlan) -> tuple[Tensor, Tensor]:
-        """SSW with the authors' semantics (``ssw_semantics="official"``): every token reads ``memory`` (the state
-        at the start of the call); then each message of the call is written once, in ascending id order, with
-        the memory projections of the mean of its tokens' hidden states.
-
-        Args:
-            x: ``(B, T, d)``. memory: ``(B, N, r, r)``. plan: the call's :class:`MessageWritePlan`.
-        Returns:
-            reads ``(B, T, N·r)`` and the new memory.
-        """
+    def _message_write(self, x: Tensor, memory: Tensor, plan: MessageWritePlan, triton: bool) -> tuple[Tensor, Tensor]:
         p = self.project(x, memory.dtype)
         B, T, _ = p.shape
         q = self.query(p)
@@ -296,74 +472,83 @@ class DeltaMemLayer(nn.Module):
         p_w = self.project(means, memory.dtype)
         _, k_w, v_w, beta_w = self.split(p_w)
         decay_w, erase_w = self.gates(means, beta_w)
-        _, memory = delta_rule_chunked(q.new_zeros(k_w.shape), k_w, v_w, beta_w, memory, plan.write_valid,
-                                       chunk_size=self.config.chunk_size, decay=decay_w, erase=erase_w)
+        _, memory = self._scan(k_w.new_zeros(k_w.shape), k_w, v_w, beta_w, memory, plan.write_valid, decay_w, erase_w,
+                               triton)
         return reads, memory
 
-    # -- inference fast path (CPU, float32, no autograd) ----------------------------------------------------------
-    def _inference_weights(self) -> tuple[Tensor, object, Tensor | None, Tensor | None]:
-        """Contiguous transposed copies of the weights (and the gate bias as a numpy array), rebuilt when a
-        parameter changes: ``(in_proj_t (d, 4·N·r), bias (N·r,), delta_q_t (N·r, q_out), delta_o_t (N·r, o_out))``.
-
-        Why: ``addmm`` with a transposed (non-contiguous) weight costs 2× on a 1-token call, and the decode hot
-        path runs 60 of them per token. Keyed on every parameter's version counter (bumped by any in-place
-        change: an optimiser step, ``load_state_dict``) and identity, so stale copies are never used.
-        """
-        # cheap key (this runs once per layer per decoded token): parameter identities and version counters
-        key = tuple((id(p), p._version) for p in self._parameters.values() if p is not None)
-        cached = self.__dict__.get("_fast_cache")
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                weights = (
-                    self.in_proj.detach().t().contiguous(),
-                    self.beta_bias.detach().float().contiguous().numpy(),
-                    None if self.delta_q is None else self.delta_q.detach().t().contiguous(),
-                    None if self.delta_o is None else self.delta_o.detach().t().contiguous(),
-                )
-            cached = (key, weights)
-            self.__dict__["_fast_cache"] = cached
-        return cached[1]
-
-    def cached_inference_weights(self) -> tuple[Tensor, object, Tensor | None, Tensor | None]:
-        """:meth:`_inference_weights` without the freshness check: for callers that checked every parameter's
-        version once per forward call (:class:`DeltaMemModel` does) and dropped stale copies."""
-        cached = self.__dict__.get("_fast_cache")
-        return cached[1] if cached is not None else self._inference_weights()
-
-    def fast_decode_write_steer_(
-        self, x: Tensor, memory: Tensor, mask: Tensor | None, out_q: Tensor, weights: tuple
-    ) -> tuple[Tensor, Tensor]:
-        """One-position read + write + query steering (in place on ``out_q``) in one compiled call.
-
-        ``x (B, 1, d)``, ``out_q (B, 1, q_out)`` contiguous float32 CPU → reads ``(B, N·r)`` and the new memory.
-        Same math as :meth:`token_write` + :meth:`correct`; tested against them."""
-        in_t, bias, dq_t, _ = weights
+    # -- the compiled CPU kernel and the fused Triton decode step (inference only) --------------------------------
+    def _numba_decode(self, x: Tensor, memory: Tensor, mask: Tensor | None, w: _FastWeights,
+                      out_q: Tensor | None) -> tuple[Tensor, Tensor]:
+        """One position per row in one compiled call: projection, activations, read, write and — when ``out_q``
+        (``q_proj``'s contiguous output) is given and ``W_q^Δ`` exists — the query steering, in place.
+        ``x (B, 1, d)`` float32 CPU → reads ``(B, N·r)`` and the new memory. Same math as the torch path."""
         B, _, d = x.shape
-        return cpu_fused.decode_write_steer_(
-            x.view(B, d), in_t, bias, memory, mask, out_q.view(B, -1), dq_t, self.scale, self.num_states, self.rank,
-            self.kernel_rule, self.config.normalize_qk,
+        wq_t = w.delta_q_t if out_q is not None else None
+        return _cpu_kernel.decode_write_steer_(
+            x.view(B, d) if x.is_contiguous() else x.reshape(B, d).contiguous(), w.in_t, w.bias_np, memory, mask,
+            None if wq_t is None else out_q.view(B, -1), wq_t, self.scale, self.num_states, self.rank,
+            self.kernels.numba_rule, self.config.normalize_qk,
         )
 
-    def fast_token_write(
-        self, x: Tensor, memory: Tensor, mask: Tensor | None, weights: tuple | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """TSW/MSW read + write for inference in one compiled call (see :mod:`deltamem_agents.ops.cpu_fused`).
-
-        ``x (B, T, d)`` float32 CPU → reads ``(B·T, N·r)`` (flattened, ready for :meth:`steer_`) and the new
-        memory ``(B, N, r, r)``. Same math as :meth:`token_write`; tested against it. ``weights``: the result of
-        :meth:`_inference_weights` when the caller already has it.
-        """
-        in_t, bias, _, _ = weights if weights is not None else self._inference_weights()
+    def _numba_scan(self, x: Tensor, memory: Tensor, mask: Tensor | None, w: _FastWeights) -> tuple[Tensor, Tensor]:
+        """TSW/MSW read + write for inference: torch projection, then one compiled call (activations + scan).
+        ``x (B, T, d)`` float32 CPU → reads ``(B, T, N·r)`` and the new memory."""
         B, T, d = x.shape
-        p = torch.mm(x.reshape(B * T, d), in_t).view(B, T, -1)
-        reads, memory = cpu_fused.fused_write_unchecked(p, bias, memory, mask, self.num_states, self.rank,
-                                                        self.kernel_rule, self.config.normalize_qk)
-        return reads.view(B * T, -1), memory
+        p = torch.mm(x.reshape(B * T, d), w.in_t).view(B, T, -1)
+        return _cpu_kernel.fused_write_unchecked(p, w.bias_np, memory, None if mask is None else mask.contiguous(),
+                                                 self.num_states, self.rank, self.kernels.numba_rule,
+                                                 self.config.normalize_qk)
+
+    def _triton_step(self, x: Tensor, memory: Tensor, mask: Tensor | None,
+                     call: MemoryCall | None) -> tuple[Tensor, Tensor]:
+        """One position per row: the projection as one GEMM in the hidden states' dtype (bf16 on a GPU, fp32
+        accumulation), then one fused Triton kernel (activations, read, write; float32 state). No host sync.
+        ``x (B, 1, d)`` → reads ``(B, N·r)`` float32 and the new memory ``(B, N, r, r)`` float32."""
+        dtype = x.dtype if x.dtype in _HALF_OR_SINGLE else memory.dtype
+        w = self._fast_weights(dtype, call)
+        B = x.shape[0]
+        x2 = x.reshape(B, -1).to(dtype)
+        p = torch.mm(x2, w.in_t)
+        decay = None
+        if self.lambda_proj is not None:  # decoupled: λ from its own projection, activated here
+            decay = torch.sigmoid(F.linear(x2, _as(self.lambda_proj, x2)).float() + self.lambda_bias.float())
+        return triton_modules().decode.delta_rule_decode_triton(
+            p, self.beta_bias, memory.contiguous(), mask, num_states=self.num_states, rank=self.rank, decay=decay,
+            update=self.kernels.triton_update, normalize_qk=self.config.normalize_qk,
+        )
+
+    def _fast_weights(self, dtype: torch.dtype, call: MemoryCall | None = None) -> _FastWeights:
+        """Contiguous transposed copies of the weights in ``dtype`` (the base's compute dtype), rebuilt when a
+        parameter changes.
+
+        Why: ``addmm`` with a transposed (non-contiguous) weight costs 2× on a 1-token CPU call, and the decode hot
+        path runs 60 of them per token; on a GPU, casting the float32 weights to bf16 would be one more launch per
+        use. Keyed on the dtype and the identity, data pointer and version counter of every parameter (through the
+        kernel choice's weights generation, checked once per forward call ``call`` for all layers), so stale copies
+        are never used.
+        """
+        if call is not None:
+            key = (dtype, self.kernels.weights_generation(call))
+        else:  # a call from outside the model's forward: this layer's own parameters, every time
+            params = [p for p in self._parameters.values() if p is not None]
+            key = (dtype, tuple([(id(p), p._version, p.data_ptr()) for p in params]))
+        cached = self._fast_cache
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cpu32 = dtype == torch.float32 and self.in_proj.device.type == "cpu"
+                weights = _FastWeights(
+                    self.in_proj.detach().to(dtype).t().contiguous(),
+                    self.beta_bias.detach().float().contiguous().numpy() if cpu32 else None,
+                    None if self.delta_q is None else self.delta_q.detach().to(dtype).t().contiguous(),
+                    None if self.delta_o is None else self.delta_o.detach().to(dtype).t().contiguous(),
+                )
+            cached = self._fast_cache = (key, weights)
+        return cached[1]
 
     def steer_(self, out: Tensor, reads: Tensor, weight_t: Tensor | None) -> bool:
         """Add ``(α/r)·reads @ weight_t`` to ``out`` in place (inference only). ``out (B, T, D)``, ``reads
-        (B·T, N·r)``, ``weight_t (N·r, D)`` a transposed correction from :meth:`_inference_weights`. Returns False
-        (nothing done) when the branch is not corrected or ``out`` is not contiguous."""
+        (B·T, N·r)``, ``weight_t (N·r, D)`` a transposed correction of :meth:`_fast_weights`, all one dtype.
+        Returns False (nothing done) when the branch is not corrected or ``out`` is not contiguous."""
         if weight_t is None or not out.is_contiguous():
             return False
         out.view(-1, out.shape[-1]).addmm_(reads, weight_t, alpha=self.scale)
@@ -383,10 +568,24 @@ class DeltaMemLayer(nn.Module):
         return out + self.wide_gain.to(out.dtype) * F.linear(values, o_weight).to(out.dtype)
 
     def correct(self, out: Tensor, reads: Tensor, delta: Tensor) -> Tensor:
-        """``out + (α/r)·reads @ deltaᵀ`` in one fused op. ``out (B,T,D)``, ``reads (B,T,N·r)``."""
+        """``out + (α/r)·reads @ deltaᵀ`` in one fused op, in ``out``'s dtype (the float32 ``delta`` is cast: its
+        gradient still reaches the float32 parameter). ``out (B,T,D)``, ``reads (B,T,N·r)`` in ``out``'s dtype."""
         shape = out.shape
-        fused = torch.addmm(out.reshape(-1, shape[-1]), reads.reshape(-1, reads.shape[-1]), delta.t(), alpha=self.scale)
+        fused = torch.addmm(out.reshape(-1, shape[-1]), reads.reshape(-1, reads.shape[-1]), _as(delta, out).t(),
+                            alpha=self.scale)
         return fused.view(shape)
+
+
+@dataclass(frozen=True)
+class _FastWeights:
+    """Weight copies of the inference paths (see :meth:`DeltaMemLayer._fast_weights`): ``in_t (d, 4·N·r)``, the
+    gate bias as a float32 numpy array (float32 CPU only, for the compiled kernel), ``delta_q_t (N·r, q_out)`` and
+    ``delta_o_t (N·r, o_out)`` (None where the branch is not corrected)."""
+
+    in_t: Tensor
+    bias_np: np.ndarray | None
+    delta_q_t: Tensor | None
+    delta_o_t: Tensor | None
 
 
 def _as(weight: Tensor, x: Tensor) -> Tensor:

@@ -2,9 +2,13 @@
 
 No model code is copied. For every wrapped decoder layer we register:
 
-* a forward hook on ``q_proj`` that receives the attention input ``x`` (after the input norm), reads the memory,
-  writes it, and returns ``q_proj(x) + (α/r)·W_q^Δ r`` — so the correction lands before any ``q_norm`` and RoPE;
-* a forward hook on ``o_proj`` that adds ``(α/r)·W_o^Δ r`` to the attention output.
+* a forward hook on ``q_proj`` that hands the attention input ``x`` (after the input norm) to the layer
+  (:meth:`DeltaMemLayer.attend_query`), which reads the memory, writes it, and returns ``q_proj(x) + (α/r)·W_q^Δ r``
+  — so the correction lands before any ``q_norm`` and RoPE;
+* a forward hook on ``o_proj`` that lets the layer add ``(α/r)·W_o^Δ r`` to the attention output.
+
+The hooks do not know which kernel computes a layer's call: the layer decides, per call
+(:mod:`.kernel_choice`).
 
 A forward pre-hook on the causal LM itself reads the attention mask of each call (padding leaves the state
 untouched) and plans sequence-state writes once per call. This works unchanged under ``generate()`` with a KV
@@ -15,37 +19,27 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ..ops import cpu_fused
 from .architectures import ArchitectureSpec, resolve_architecture
 from .config import DeltaMemConfig
 from .interception import Interception, intercept_output
-from .layer import DeltaMemLayer
-from .segments import MessageWritePlan, SegmentPlan, plan_message_writes, plan_segments
+from .kernel_choice import KernelChoice, check_kernel, kernel_from_env
+from .layer import DeltaMemLayer, MemoryCall
+from .segments import plan_message_writes, plan_segments
 from .state import DeltaMemState
 
-
-@dataclass
-class _CallContext:
-    """What the pre-hook learned about the current forward call (read by the projection hooks)."""
-
-    write_mask: Tensor | None = None
-    plan: SegmentPlan | None = None
-    message_plan: MessageWritePlan | None = None  # SSW, the authors' semantics
-    reads: list[Tensor | None] = field(default_factory=list)
-    o_weights: list[Tensor | None] = field(default_factory=list)  # fast path: transposed W_o^Δ per slot
-    fast: bool = False  # this call uses the compiled inference kernel
+__all__ = ["DeltaMemModel", "attach"]
 
 
 class DeltaMemModel(nn.Module):
     """A causal LM with δ-mem. Call it (or ``generate``) like the wrapped model.
 
     The memory state lives on this object (``.state``) and advances with every forward call; sessions swap it
-    with :meth:`set_state` / :meth:`get_state`. Only the δ-mem weights are trainable.
+    with :meth:`set_state` / :meth:`get_state`. Only the δ-mem weights are trainable; they are float32 whatever the
+    base model's dtype (float64 for a float64 model; see :mod:`.layer`).
     """
 
     def __init__(self, model: nn.Module, config: DeltaMemConfig) -> None:
@@ -58,16 +52,17 @@ class DeltaMemModel(nn.Module):
         for p in model.parameters():
             p.requires_grad_(False)
 
+        kernels = KernelChoice(config, kernel_from_env())  # one for all layers (see KernelChoice)
         self.delta_layers = nn.ModuleDict()
-        self._wide: list[tuple[Tensor, Tensor, int]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle | Interception] = []
         self._targets: list[tuple[int, DeltaMemLayer, nn.Linear, nn.Linear]] = []
         for slot, idx in enumerate(self.layer_indices):
             attn = getattr(decoder_layers[idx], spec.attention)
             q_proj: nn.Linear = getattr(attn, spec.q_proj)
             o_proj: nn.Linear = getattr(attn, spec.o_proj)
-            layer = DeltaMemLayer(q_proj.in_features, q_proj.out_features, o_proj.out_features, config)
-            layer.to(device=q_proj.weight.device, dtype=q_proj.weight.dtype)
+            layer = DeltaMemLayer(q_proj.in_features, q_proj.out_features, o_proj.out_features, config,
+                                  kernels=kernels)
+            layer.to(device=q_proj.weight.device, dtype=_adapter_dtype(q_proj.weight.dtype))
             v_proj = getattr(attn, spec.v_proj, None)
             head_dim = getattr(attn, "head_dim", None)  # HF attention modules carry it (only wide/ov_svd use it)
             layer.reset_parameters(q_proj.weight, o_proj.weight, None if v_proj is None else v_proj.weight,
@@ -77,17 +72,21 @@ class DeltaMemModel(nn.Module):
             if config.wide_value:  # the frozen projections that decode a wide read (references, not copies)
                 if v_proj is None or head_dim is None:
                     raise ValueError(f"wide_value needs {spec.v_proj!r} and head_dim on the attention of layer {idx}")
-                self._wide.append((v_proj.weight, o_proj.weight, int(head_dim)))
+                layer.set_wide_decoder(v_proj.weight, o_proj.weight, int(head_dim))
         self._install_hooks()
 
         self._state: DeltaMemState | None = None
         self._enabled = True
         self._writes = True
         self._segment_ids: Tensor | None = None
-        self._ctx = _CallContext(reads=[None] * len(self.layer_indices), o_weights=[None] * len(self.layer_indices))
+        self._call = MemoryCall()
+        self._reads: list = [None] * len(self.layer_indices)  # q side → o side of each layer, within one call
+        self._seal_token = object()  # marks the states this model handed out (see _seal)
 
     # -- hooks --------------------------------------------------------------------------------------------------
     def _pre_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Once per forward call: the batch, the write mask and (SSW) the write plan that every layer shares.
+        No kernel choice here (each layer makes its own, :mod:`.kernel_choice`), and no host sync on a GPU."""
         if not self._enabled:
             return None
         tokens = kwargs.get("input_ids")
@@ -98,12 +97,6 @@ class DeltaMemModel(nn.Module):
         if tokens is None:
             raise ValueError("δ-mem needs input_ids or inputs_embeds to find the batch and length of a call")
         B, T = tokens.shape[:2]
-        mask = kwargs.get("attention_mask")
-        write_mask = None
-        if isinstance(mask, Tensor) and mask.dim() == 2:
-            m = mask[:, -T:].to(torch.bool)  # under generate() the mask covers the cache too
-            if not bool(m.all()):
-                write_mask = m
         state = self._state
         if state is None:
             state = self._state = self.new_state(B)
@@ -112,122 +105,80 @@ class DeltaMemModel(nn.Module):
                 f"the δ-mem state has batch size {state.batch_size} but this call has {B} rows; "
                 "set a state of the right batch size with set_state() or reset_state(batch_size)"
             )
-        self._ctx.write_mask = write_mask
-        self._ctx.plan = None
-        self._ctx.message_plan = None
-        self._ctx.fast = (
-            self._writes and self.config.write_mode != "ssw" and self._fast_path_possible(state)
-        )
-        if self._ctx.fast:
-            self._drop_stale_fast_weights()
+        mask = kwargs.get("attention_mask")
+        write_mask = None
+        if isinstance(mask, Tensor) and mask.dim() == 2:
+            # Under generate() the mask covers the cache too. It is passed on as it is: testing it for "all ones"
+            # first (to drop it) would read a device tensor on the host — a sync per call on a GPU — and every
+            # kernel serves an all-True mask.
+            write_mask = mask[:, -T:].to(device=state.device, dtype=torch.bool).contiguous()
+        self._reads = [None] * len(self._reads)
         segment_ids, self._segment_ids = self._segment_ids, None
-        if self.config.write_mode == "ssw" and self._writes:
-            if segment_ids is not None and tuple(segment_ids.shape) != (B, T):
-                raise ValueError(f"segment_ids must have shape {(B, T)}, got {tuple(segment_ids.shape)}")
-            if not self.config.keeps_open_message:  # the authors' semantics: None → token writes, as theirs
-                if segment_ids is not None:
-                    mask_dev = None if write_mask is None else write_mask.to(state.device)
-                    self._ctx.message_plan = plan_message_writes(segment_ids.to(state.device), mask_dev)
-                return None
-            if write_mask is None:
-                write_mask = torch.ones(B, T, dtype=torch.bool, device=state.device)
-            plan = plan_segments(segment_ids, write_mask.to(state.device), state.last_segment, state.pending_count)
-            self._ctx.plan = plan
-            state.pending_count = plan.counts.gather(1, plan.last_slot[:, None])[:, 0]
-            state.last_segment = plan.last_segment
+        if self.config.write_mode != "ssw" or not self._writes:
+            self._call = MemoryCall(self._writes, write_mask)
+            return None
+        if segment_ids is not None and tuple(segment_ids.shape) != (B, T):
+            raise ValueError(f"segment_ids must have shape {(B, T)}, got {tuple(segment_ids.shape)}")
+        if not self.config.keeps_open_message:  # the authors' semantics: None → token writes, as theirs
+            message_plan = None if segment_ids is None else plan_message_writes(segment_ids, write_mask,
+                                                                                 device=state.device)
+            self._call = MemoryCall(True, write_mask, message_plan=message_plan)
+            return None
+        if write_mask is None:
+            write_mask = torch.ones(B, T, dtype=torch.bool, device=state.device)
+        plan = plan_segments(segment_ids, write_mask, state.last_segment, state.pending_count)
+        state.pending_count = plan.counts.gather(1, plan.last_slot[:, None])[:, 0]
+        state.last_segment = plan.last_segment
+        self._call = MemoryCall(True, write_mask, plan=plan)
         return None
-
-    def _drop_stale_fast_weights(self) -> None:
-        """Once per forward call: if any adapter parameter changed in place since the fast path's weight copies
-        were made (an optimiser step, ``load_state_dict``), drop every layer's copies so they are rebuilt."""
-        params = self.__dict__.get("_adapter_params")
-        if params is None:
-            params = self.__dict__["_adapter_params"] = [p for layer in self.delta_layers.values()
-                                                          for p in layer.parameters()]
-        key = tuple(p._version for p in params)
-        if key != self.__dict__.get("_fast_weights_key"):
-            for layer in self.delta_layers.values():
-                layer.__dict__.pop("_fast_cache", None)
-            self.__dict__["_fast_weights_key"] = key
-
-    def _fast_path_possible(self, state: DeltaMemState) -> bool:
-        """Whether this call may use the compiled inference kernel: float32 CPU model and state, and no gradient
-        wanted (the kernel has no autograd). Checked once per forward call, not per layer."""
-        if not cpu_fused.AVAILABLE:
-            return False
-        first = self._targets[0][1] if self._targets else None
-        cfg = self.config
-        if first is None or first.kernel_rule is None or not cfg.steer_writes:
-            return False  # the compiled kernels cover the paper's rule and the authors' options without weights
-        if torch.is_grad_enabled() and first.in_proj.requires_grad:
-            return False
-        weight = self._targets[0][2].weight
-        return (weight.device.type == "cpu" and weight.dtype == torch.float32 and state.device.type == "cpu"
-                and state.memory[0].dtype == torch.float32)
 
     def _make_q_hook(self, slot: int, layer: DeltaMemLayer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             if not self._enabled:
                 return None
-            x = args[0]
             state = self._state
-            memory = state.memory[slot]
-            if memory.device != x.device:
-                memory = memory.to(x.device)
-            if self._ctx.fast:
-                # inference fast path (decided once per call by the pre-hook): one compiled read+write call and
-                # in-place steering; this runs 30× per decoded token, so every line here is measured
-                weights = layer.cached_inference_weights()
-                if x.shape[1] == 1 and x.is_contiguous() and output.is_contiguous():
-                    reads, state.memory[slot] = layer.fast_decode_write_steer_(
-                        x, memory, self._ctx.write_mask, output, weights
-                    )
-                    self._ctx.reads[slot] = reads
-                    self._ctx.o_weights[slot] = weights[3]
-                    return None
-                reads, state.memory[slot] = layer.fast_token_write(x, memory, self._ctx.write_mask, weights)
-                self._ctx.reads[slot] = reads
-                self._ctx.o_weights[slot] = weights[3]
-                if weights[2] is None or layer.steer_(output, reads, weights[2]):
-                    return None
-                return layer.correct(output, reads.view(*x.shape[:2], -1), layer.delta_q)
-            if not self._writes:
-                reads = layer.read_only(x, memory)
-            elif self._ctx.message_plan is not None:
-                reads, state.memory[slot] = layer.message_write(x, memory, self._ctx.message_plan)
-            elif self._ctx.plan is not None:
-                reads, state.memory[slot], state.pending_sum[slot] = layer.sequence_write(
-                    x, memory, state.pending_sum[slot].to(x.device), self._ctx.plan
-                )
-            else:
-                mask = self._ctx.write_mask
-                reads, state.memory[slot] = layer.token_write(x, memory, None if mask is None else mask.to(x.device))
-            if self._writes and not self.config.steer_writes:
-                return None  # write only: the base runs unchanged (the fast path is never on for such adapters)
-            reads = reads.to(output.dtype)
-            self._ctx.reads[slot] = reads
-            return layer.correct(output, reads, layer.delta_q) if layer.delta_q is not None else None
+            pending = state.pending_sum
+            new_out, self._reads[slot], state.memory[slot], new_pending = layer.attend_query(
+                args[0], output, state.memory[slot], None if pending is None else pending[slot], self._call)
+            if new_pending is not None:
+                pending[slot] = new_pending
+            return new_out
 
         return hook
 
     def _make_o_hook(self, slot: int, layer: DeltaMemLayer):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-            reads = self._ctx.reads[slot]
-            if reads is None:
+            read = self._reads[slot]
+            if read is None:
                 return None
-            self._ctx.reads[slot] = None
-            if reads.dim() == 2:  # from the fast path: flattened (B·T, N·r)
-                weight_t = self._ctx.o_weights[slot]
-                if weight_t is None or layer.steer_(output, reads, weight_t):
-                    return None
-                reads = reads.view(*output.shape[:2], -1)
-            if layer.wide:
-                return layer.wide_output(output, reads, *self._wide[slot])
-            if layer.delta_o is None:
-                return None
-            return layer.correct(output, reads, layer.delta_o)
+            self._reads[slot] = None
+            return layer.attend_output(output, read)
 
         return hook
+
+    # -- kernels ------------------------------------------------------------------------------------------------
+    @property
+    def kernel(self) -> str:
+        """The kernel preference of every layer: ``auto`` (default, or ``DELTAMEM_KERNEL`` at attach time),
+        ``torch``, ``numba`` or ``triton`` (see :mod:`.kernel_choice`). A forced kernel that cannot serve a call
+        raises :class:`~deltamem_agents.adapter.kernel_choice.KernelUnavailableError`."""
+        return next(iter(self.delta_layers.values())).kernels.preference
+
+    @kernel.setter
+    def kernel(self, value: str) -> None:
+        check_kernel(value)
+        for layer in self.delta_layers.values():
+            layer.set_kernel(value)
+
+    def kernel_calls(self) -> dict[str, int]:
+        """How many layer calls each implementation served since the adapter was attached (summed over the
+        layers): ``numba-decode``, ``numba-scan``, ``triton-decode``, ``triton-scan``, ``torch``, ``read``."""
+        total: dict[str, int] = {}
+        choices = {id(layer.kernels): layer.kernels for layer in self.delta_layers.values()}  # shared: count once
+        for choice in choices.values():
+            for name, n in choice.calls.items():
+                total[name] = total.get(name, 0) + n
+        return total
 
     # -- calling ------------------------------------------------------------------------------------------------
     def forward(self, *args, segment_ids: Tensor | None = None, **kwargs):
@@ -269,7 +220,6 @@ class DeltaMemModel(nn.Module):
     def new_state(self, batch_size: int = 1, dtype: torch.dtype | None = None) -> DeltaMemState:
         """A fresh (all-zero) state for ``batch_size`` sequences, on the model's device, of ``dtype``
         (default :attr:`state_dtype`)."""
-        device = next(iter(self.delta_layers.values())).in_proj.device
         return DeltaMemState.zeros(
             len(self.layer_indices),
             batch_size,
@@ -277,13 +227,15 @@ class DeltaMemModel(nn.Module):
             self.config.rank,
             value_width=self.value_width,
             sequence_write=self.config.keeps_open_message,
-            device=device if device.type != "meta" else "cpu",
+            device=self._device(),
             dtype=dtype or self.state_dtype,
         )
 
     @property
     def state(self) -> DeltaMemState | None:
         """The live state (advanced in place by forward calls; carries autograd history in training)."""
+        if self._state is not None:
+            self._seal(self._state)
         return self._state
 
     def reset_state(self, batch_size: int = 1) -> None:
@@ -294,12 +246,19 @@ class DeltaMemModel(nn.Module):
         if self._state is None:
             raise ValueError("no state yet: call reset_state() or run the model first")
         state = self._state.detach()
-        return state if rows is None else state.select(rows)
+        return self._seal(state if rows is None else state.select(rows))
 
     def set_state(self, state: DeltaMemState, rows: int | Sequence[int] | None = None) -> None:
-        """Install ``state`` (whole batch), or replace only ``rows`` of the current state with it."""
-        self.check_state(state)
-        state = state.to(self._state.device if self._state is not None else self.new_state(1).device)
+        """Install ``state`` (whole batch), or replace only ``rows`` of the current state with it.
+
+        The state is checked (layout always; finite values unless this model handed it out unchanged — see
+        :meth:`_seal` — since the finiteness check reads every tensor's values on the host: on a GPU that is a
+        sync, once per decode step in the engine's loop). The installed state is a copy of the lists: the
+        forward calls that follow never modify ``state`` itself."""
+        self._check_layout(state)
+        if not self._sealed_here(state) and not state.is_finite():
+            raise ValueError("state contains NaN or Inf")
+        state = state.to(self._device())
         if rows is None:
             self._state = state
         else:
@@ -310,6 +269,11 @@ class DeltaMemModel(nn.Module):
     def check_state(self, state: DeltaMemState) -> None:
         """Raise ``ValueError`` unless ``state`` fits this adapter (layers, sub-state shape, write mode) and is
         finite."""
+        self._check_layout(state)
+        if not state.is_finite():
+            raise ValueError("state contains NaN or Inf")
+
+    def _check_layout(self, state: DeltaMemState) -> None:
         cfg = self.config
         expect = (cfg.num_states, self.value_width, cfg.rank)
         if state.num_layers != len(self.layer_indices):
@@ -319,8 +283,26 @@ class DeltaMemModel(nn.Module):
         if state.sequence_write != cfg.keeps_open_message:
             raise ValueError(f"state layout does not match write mode {cfg.write_mode!r} "
                              f"(ssw_semantics {cfg.ssw_semantics!r})")
-        if not state.is_finite():
-            raise ValueError("state contains NaN or Inf")
+
+    def _seal(self, state: DeltaMemState) -> DeltaMemState:
+        """Mark ``state`` as handed out by this model, with the identity and version counter of each of its
+        tensors (:meth:`DeltaMemState.version_key`: metadata, no values read). Whoever replaces one of its tensors
+        or changes one in place breaks the seal, and :meth:`set_state` checks it again (as it does states made under
+        ``torch.inference_mode``, whose tensors keep no version counter). Why: the engine installs the state the
+        model produced in the previous step before every decode step; re-checking it for NaN would be a host sync
+        per step (per layer before this) on a GPU."""
+        key = state.version_key()
+        if key is not None:  # inference-mode tensors keep no versions: such states are always checked
+            state.__dict__["_deltamem_seal"] = (self._seal_token, key)
+        return state
+
+    def _sealed_here(self, state: DeltaMemState) -> bool:
+        seal = state.__dict__.get("_deltamem_seal")
+        return seal is not None and seal[0] is self._seal_token and seal[1] == state.version_key()
+
+    def _device(self) -> torch.device:
+        device = next(iter(self.delta_layers.values())).in_proj.device
+        return device if device.type != "meta" else torch.device("cpu")
 
     @contextlib.contextmanager
     def memory_disabled(self) -> Iterator[None]:
@@ -354,11 +336,9 @@ class DeltaMemModel(nn.Module):
         for name, t in tensors.items():
             if tuple(t.shape) != tuple(expected[name].shape):
                 raise ValueError(f"adapter tensor {name} has shape {tuple(t.shape)}, expected {tuple(expected[name].shape)}")
+        # copied into the float32 parameters (a bf16 file loads exactly); the layers' weight copies for inference
+        # follow the parameters' version counters
         self.delta_layers.load_state_dict({k[len("layers.") :]: v for k, v in tensors.items()})
-        self.__dict__.pop("_adapter_params", None)  # parameter objects may have changed: recollect them
-        self.__dict__.pop("_fast_weights_key", None)
-        for layer in self.delta_layers.values():
-            layer.__dict__.pop("_fast_cache", None)
 
     def num_trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -391,6 +371,14 @@ class DeltaMemModel(nn.Module):
         self._targets.clear()
         return self.base_model
 
+def _adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The δ-mem parameters' dtype: float32 whatever the base dtype (float64 for a float64 base, as the paper's
+    configuration computes on such models): the adapter is ~0.1 % of a 4B model's bytes, and AdamW on bf16 weights
+    loses the small updates (bf16 keeps 8 significant bits). On a bf16 base the layer casts them per call."""
+    return torch.float64 if base_dtype == torch.float64 else torch.float32
+
+
 def attach(model: nn.Module, config: DeltaMemConfig | None = None) -> DeltaMemModel:
-    """Attach δ-mem to a Hugging Face causal LM: freeze it, hook its attention, return the wrapper."""
+    """Attach δ-mem to a Hugging Face causal LM: freeze it, hook its attention, return the wrapper. The kernel
+    preference is read from ``DELTAMEM_KERNEL`` (default ``auto``; :attr:`DeltaMemModel.kernel` changes it)."""
     return DeltaMemModel(model, config or DeltaMemConfig())

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+__all__ = ["NO_SEGMENT", "DeltaMemState"]
+
 NO_SEGMENT = -1
 
 
@@ -63,7 +65,7 @@ class DeltaMemState:
         return cls(
             mem,
             pending_sum=[torch.zeros(batch_size, width, device=device, dtype=dtype) for _ in range(num_layers)],
-            pending_count=torch.zeros(batch_size, device=device),
+            pending_count=torch.zeros(batch_size, device=device, dtype=torch.float32),  # a count: never float64
             last_segment=torch.full((batch_size,), NO_SEGMENT, dtype=torch.long, device=device),
         )
 
@@ -151,8 +153,28 @@ class DeltaMemState:
 
     # -- checks and serialisation -------------------------------------------------------------------------------
     def is_finite(self) -> bool:
-        tensors = list(self.memory) + list(self.pending_sum or [])
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        """Whether the memory (and SSW's pending sums) hold no NaN or Inf: one reduction over every tensor and
+        one read of its result on the host — on a GPU one sync per call (it was one per tensor), so it belongs
+        where a state comes from outside, not in a per-token loop (:meth:`DeltaMemModel.set_state` skips it for
+        the model's own states)."""
+        tensors = [*self.memory, *(self.pending_sum or [])]
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+        return bool(torch.isfinite(flat).all())
+
+    def version_key(self) -> tuple | None:
+        """The identity and autograd version counter of every tensor of the state: equal as long as no tensor was
+        replaced or changed in place. Metadata only (no values read, no host sync). None when a tensor keeps no
+        version counter (made under ``torch.inference_mode``): then nothing can tell an in-place change."""
+        try:
+            return tuple([(id(t), t._version) for t in self._tensors()])
+        except RuntimeError:  # inference tensors do not track versions
+            return None
+
+    def _tensors(self) -> list[Tensor]:
+        out = [*self.memory, *(self.pending_sum or [])]
+        if self.pending_count is not None:
+            out += [self.pending_count, self.last_segment]
+        return out
 
     def equal(self, other: DeltaMemState) -> bool:
         """Bitwise equality (same layout and the same values)."""

@@ -9,13 +9,13 @@ arm; :mod:`.speed` stays the CPU benchmark of the embedded model whose figures a
 Arms, all on the same base weights in the same process:
 
 * ``plain``: the base model, every δ-mem hook removed.
-* ``ours-torch``: our adapter (the paper's TSW, r = 8, N = 1, every layer) on the torch paths the layer takes on a
-  GPU today (chunked scan for prefill, 6-op step for decode).
-* ``ours-triton``: the same adapter with the Triton kernels: :func:`~deltamem_agents.ops.triton_scan.delta_rule_triton`
-  for prefill and :func:`~deltamem_agents.ops.triton_decode.delta_rule_decode_triton` (projection in torch, then
-  activations + read + write in one kernel) for decode. Until the layer dispatches to them itself, this arm
-  installs :func:`triton_layer_kernels`, which makes exactly the calls the integration is specified to make; it
-  counts them and the run fails if they were not made.
+* ``ours-torch``: our adapter (the paper's TSW, r = 8, N = 1, every layer) with its kernel preference forced to
+  ``torch`` (chunked scan for prefill, 6-op step for decode).
+* ``ours-triton``: the same adapter with the preference forced to ``triton``, i.e. the layer's own kernel choice
+  (``adapter/kernel_choice.py``): the Triton scan (:func:`~deltamem_agents.ops.triton_scan.delta_rule_triton`) for
+  prefill and the fused Triton decode step (projection in torch, then activations + read + write in one kernel)
+  for decode. The arm counts the calls each implementation served (``DeltaMemModel.kernel_calls``) and fails
+  unless both Triton kernels ran. On CUDA the default (``auto``) takes the same paths.
 * ``theirs``: the authors' ``attach_delta_mem`` (declare-lab/delta-Mem, an uncommitted checkout given by
   ``--theirs``) with their release settings, on the same base modules (their wrappers are swapped in and out).
 
@@ -55,8 +55,8 @@ import torch
 from ..adapter import DeltaMemConfig, attach
 from ..models.kv_cache import CacheNotUsedError, cache_kwargs, cache_length, forward_with_cache, new_cache
 
-__all__ = ["ARMS", "SHAPES", "ArmResult", "build_model", "format_table", "run_gpu_speed_benchmark",
-           "triton_layer_kernels"]
+__all__ = ["ARMS", "SHAPES", "ArmResult", "build_model", "format_table", "kernel_preference",
+           "run_gpu_speed_benchmark"]
 
 ARMS = ("plain", "ours-torch", "ours-triton", "theirs")
 
@@ -111,60 +111,24 @@ def build_model(shapes: str, device: str | torch.device, dtype: torch.dtype, see
     return model.eval()
 
 
-# -- the Triton arm ---------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def triton_layer_kernels(calls: dict[str, int] | None = None) -> Iterator[dict[str, int]]:
-    """Route :class:`~deltamem_agents.adapter.layer.DeltaMemLayer`'s token writes (TSW/MSW, the paper's coupled
-    rule) through the Triton kernels for this block; yields call counters.
-
-    Prefill (``T > 1``): the layer's activations, then :func:`delta_rule_triton`. Decode (``T == 1``): the layer's
-    projection, then :func:`delta_rule_decode_triton` (activations, read and write in one kernel). Other rules and
-    layouts keep the layer's own path. Benchmark-only stand-in for the dispatch the layer is to get. ``calls``:
-    a dict to count the kernel calls in (``scan``, ``decode``)."""
-    from ..adapter.layer import DeltaMemLayer
-    from ..ops.triton_decode import delta_rule_decode_triton
-    from ..ops.triton_scan import delta_rule_triton
-
-    calls = calls if calls is not None else {}
-    calls.setdefault("scan", 0)
-    calls.setdefault("decode", 0)
-    original = DeltaMemLayer.token_write
-
-    def token_write(self, x, memory, mask):
-        cfg = self.config
-        if self.wide or cfg.update_rule != "coupled" or not getattr(cfg, "normalize_qk", True):
-            return original(self, x, memory, mask)
-        p = self.project(x)
-        B, T, _ = p.shape
-        if T == 1:
-            calls["decode"] += 1
-            reads, new = delta_rule_decode_triton(p, self.beta_bias, memory.contiguous(), mask,
-                                                  num_states=self.num_states, rank=self.rank)
-            return reads.view(B, 1, -1), new
-        calls["scan"] += 1
-        q, k, v, beta = self.split(p, x)
-        out, new = delta_rule_triton(q, k, v, beta, memory, mask)
-        return out.reshape(B, T, -1), new
-
-    DeltaMemLayer.token_write = token_write
-    try:
-        yield calls
-    finally:
-        DeltaMemLayer.token_write = original
+# -- our arms ----------------------------------------------------------------------------------------------------
+#: the kernel preference each of our arms forces (the torch arm never takes numba, even on a CPU run)
+ARM_KERNELS = {"ours-torch": "torch", "ours-triton": "triton"}
 
 
 @contextlib.contextmanager
-def _without_cpu_kernel() -> Iterator[None]:
-    """Switch the compiled CPU kernel (numba) off for this block: on a CPU run the ``ours`` arms then take the
-    torch (or Triton) paths they are named after, as they do on a GPU anyway."""
-    from ..ops import cpu_fused
-
-    saved = cpu_fused.AVAILABLE
-    cpu_fused.AVAILABLE = False
+def kernel_preference(dm, kernel: str) -> Iterator[None]:
+    """Force ``dm``'s kernel preference for this block (restored after)."""
+    saved = dm.kernel
+    dm.kernel = kernel
     try:
         yield
     finally:
-        cpu_fused.AVAILABLE = saved
+        dm.kernel = saved
+
+
+def _calls_since(dm, before: dict[str, int]) -> dict[str, int]:
+    return {k: n - before.get(k, 0) for k, n in dm.kernel_calls().items() if n != before.get(k, 0)}
 
 
 # -- the authors' arm -------------------------------------------------------------------------------------------
@@ -292,9 +256,9 @@ def run_gpu_speed_benchmark(
             their.enable()
             stack.callback(their.disable)
         else:
-            stack.enter_context(_without_cpu_kernel())  # measure the torch / Triton paths, never numba
-            if arm == "ours-triton":
-                stack.enter_context(triton_layer_kernels(counters))
+            stack.enter_context(kernel_preference(dm, ARM_KERNELS[arm]))
+            calls_before.clear()
+            calls_before.update(dm.kernel_calls())
         return stack
 
     def target(arm: str):
@@ -311,11 +275,12 @@ def run_gpu_speed_benchmark(
             written = bool(dm.state.memory[0].abs().sum() > 0)
             if not written:
                 raise RuntimeError(f"{arm}: the δ-mem state was not written")
-            out = {"state_written": written, "state_dtype": str(dm.state.memory[0].dtype)}
-            if arm == "ours-triton":
-                if counters.get("scan", 0) == 0 or counters.get("decode", 0) == 0:
-                    raise RuntimeError(f"ours-triton: the Triton kernels were not called ({counters})")
-                out["triton_calls"] = dict(counters)
+            calls = _calls_since(dm, calls_before)
+            out = {"state_written": written, "state_dtype": str(dm.state.memory[0].dtype), "kernel_calls": calls}
+            if arm == "ours-triton" and not (calls.get("triton-scan") and calls.get("triton-decode")):
+                raise RuntimeError(f"ours-triton: the Triton kernels were not called ({calls})")
+            if arm == "ours-torch" and set(calls) != {"torch"}:
+                raise RuntimeError(f"ours-torch: other implementations ran ({calls})")
             return out
         if arm == "theirs":
             if not their.state_written():
@@ -324,11 +289,10 @@ def run_gpu_speed_benchmark(
             return {"state_written": True, "state_dtype": str(their.wrappers[0].delta_state.dtype)}
         return {}
 
-    counters: dict[str, int] = {}
+    calls_before: dict[str, int] = {}
     results: list[ArmResult] = []
     warm = torch.randint(10, vocab, (1, min(256, min(prompts))), generator=gen).to(dev)
     for arm in arms:  # one short call each: Triton compilation, cuBLAS heuristics, allocator
-        counters.clear()
         with arm_context(arm):
             reset(arm)
             _run_arm(target(arm), config, warm, 4, dev)
@@ -336,7 +300,6 @@ def run_gpu_speed_benchmark(
         ids = torch.randint(10, vocab, (1, n), generator=gen).to(dev)
         order = list(arms[i % len(arms):]) + list(arms[: i % len(arms)])  # rotate who goes first
         for arm in order:
-            counters.clear()
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             with arm_context(arm):

@@ -1,5 +1,5 @@
-"""What the Triton kernels (:mod:`.triton_scan`, :mod:`.triton_decode`) share: the optional import, lazy compilation
-and the device rule.
+"""What the Triton kernels (:mod:`.triton_scan`, and the layer's fused decode step
+``deltamem_agents/adapter/_triton_decode.py``) share: the optional import, lazy compilation and the device rule.
 
 Triton is an optional dependency (``pip install "deltamem-agents[cuda]"``). Its kernels run on CUDA tensors; on the
 CPU they run only through Triton's interpreter (``TRITON_INTERPRET=1``), which is how CI tests them: slowly, but the
@@ -25,7 +25,8 @@ except ImportError:  # pragma: no cover - exercised only without triton
     triton = None
     tl = None
 
-__all__ = ["AVAILABLE", "TritonUnavailableError", "check_device", "interpreting", "jit", "next_power_of_2", "tl"]
+__all__ = ["AVAILABLE", "TritonUnavailableError", "check_device", "interpreting", "jit", "next_power_of_2", "tl",
+           "unavailable_reason"]
 
 AVAILABLE = triton is not None
 
@@ -69,15 +70,19 @@ def check_device(*tensors: Tensor | None) -> torch.device:
     for t in present[1:]:
         if t.device != device:
             raise ValueError(f"all tensors must be on one device, got {device} and {t.device}")
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise TritonUnavailableError(reason)
+    return device
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (None: they can). Reads no tensor: no host sync."""
     if not AVAILABLE:
-        raise TritonUnavailableError('the Triton kernels need triton: pip install "deltamem-agents[cuda]"')
-    if device.type == "cuda":
-        return device
-    if device.type == "cpu" and interpreting():
-        return device
-    raise TritonUnavailableError(
-        f"the Triton kernels run on CUDA tensors (or on the CPU with TRITON_INTERPRET=1), got device {device}"
-    )
+        return 'the Triton kernels need triton: pip install "deltamem-agents[cuda]"'
+    if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        return None
+    return f"the Triton kernels run on CUDA tensors (or on the CPU with TRITON_INTERPRET=1), got device {device}"
 
 
 def next_power_of_2(n: int) -> int:

@@ -61,7 +61,9 @@ class WriteGateRecorder:
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
             x = args[0]
-            beta = torch.sigmoid(F.linear(x, layer.in_proj[gate_rows:]).float() + layer.beta_bias.float())
+            # as the layer computes it: the float32 gate rows cast to the hidden states' dtype (bf16 on a GPU; the
+            # gradient reaches the float32 parameter through the cast), the sigmoid in float32
+            beta = torch.sigmoid(F.linear(x, layer.in_proj[gate_rows:].to(x.dtype)).float() + layer.beta_bias.float())
             if self.mask is None:
                 self.means.append(beta.mean())
                 self.sums.append(beta.sum())

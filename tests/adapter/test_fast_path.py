@@ -8,10 +8,10 @@ import torch
 from tiny_models import ARCHS, ids, randomize, tiny_model
 
 from deltamem_agents import DeltaMemConfig, attach
+from deltamem_agents.adapter import _cpu_kernel
 from deltamem_agents.models.kv_cache import forward_with_cache, new_cache
-from deltamem_agents.ops import cpu_fused
 
-pytestmark = pytest.mark.skipif(not cpu_fused.AVAILABLE, reason="numba not installed (or DELTAMEM_KERNEL=torch)")
+pytestmark = pytest.mark.skipif(not _cpu_kernel.AVAILABLE, reason="numba not installed")
 
 
 def _run(dm, tokens, mask, grad: bool):
@@ -101,3 +101,25 @@ def test_decode_kernel_equals_torch_step_path(mode):
     torch.testing.assert_close(fast_logits, slow_logits, atol=2e-5, rtol=1e-5)
     for a, b in zip(fast_state.memory, slow_state.memory, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_weight_copies_follow_a_parameter_replaced_by_none():
+    """``training.gates.steering_disabled`` sets W_q^Δ and W_o^Δ to None for a block: the compiled path's weight
+    copies must follow (no steering: the base model's logits exactly), and come back after."""
+    from deltamem_agents.training.gates import steering_disabled
+
+    model = tiny_model("llama")
+    x = ids(1, 9)
+    with torch.no_grad():
+        base = model(x).logits
+    dm = attach(model, DeltaMemConfig())
+    dm.kernel = "auto"
+    randomize(dm, scale=0.5)
+    steered, _ = _run(dm, x, None, grad=False)
+    with steering_disabled(dm):
+        plain, state = _run(dm, x, None, grad=False)
+    again, _ = _run(dm, x, None, grad=False)
+    assert torch.equal(plain, base) and state.memory[0].abs().sum() > 0
+    assert not torch.allclose(steered, base)
+    torch.testing.assert_close(again, steered, atol=0, rtol=0)
+    assert set(dm.kernel_calls()) == {"numba-scan"}

@@ -25,9 +25,8 @@ import torch
 from safetensors.torch import load_file
 
 from deltamem_agents import attach, import_official_adapter
-from deltamem_agents.adapter import DeltaMemModel
+from deltamem_agents.adapter import DeltaMemModel, _cpu_kernel
 from deltamem_agents.models.kv_cache import forward_with_cache, new_cache
-from deltamem_agents.ops import cpu_fused
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "official-deltamem"
 CASES = sorted(p.name for p in FIXTURES.iterdir() if (p / "inputs.json").is_file())
@@ -112,24 +111,17 @@ def test_the_memory_matters_in_every_case(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_fp32_model_with_the_compiled_kernel(case, monkeypatch):
+def test_fp32_model_with_the_compiled_kernel(case):
     """The whole model in fp32 (the fixtures' weights are fp32-representable): the inference fast path."""
     expected = load_file(str(FIXTURES / case / "expected.safetensors"))
     dm = import_official_adapter(_base(case, torch.float32), FIXTURES / case / "adapter")
-    calls = {"kernel": 0}
-    for name in ("fused_write_unchecked", "decode_write_steer_", "delta_rule_fused_cpu"):
-        original = getattr(cpu_fused, name)
-
-        def counted(*args, _original=original, **kwargs):
-            calls["kernel"] += 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(cpu_fused, name, counted)
+    dm.kernel = "auto"
     diffs = _max_diffs(_run(dm, _inputs(case)), expected)
     assert max(diffs.values()) <= TOLERANCE["fp32-model"], diffs
-    covered = dm.delta_layers["0"].kernel_rule is not None and dm.config.write_mode != "ssw"
-    if cpu_fused.AVAILABLE and covered:
-        assert calls["kernel"] > 0, "the compiled kernel should have run"
+    covered = dm.delta_layers["0"].kernels.numba_rule is not None and dm.config.write_mode != "ssw"
+    calls = dm.kernel_calls()
+    if _cpu_kernel.AVAILABLE and covered:
+        assert calls.get("numba-scan", 0) + calls.get("numba-decode", 0) > 0, calls
 
 
 def _settings(case: str) -> dict:

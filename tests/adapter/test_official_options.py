@@ -10,9 +10,10 @@ import torch
 from tiny_models import ids, randomize, tiny_model
 
 from deltamem_agents import DeltaMemConfig, DeltaMemState, attach
+from deltamem_agents.adapter import _cpu_kernel
+from deltamem_agents.adapter.kernel_choice import KernelUnavailableError
 from deltamem_agents.adapter.segments import plan_message_writes
 from deltamem_agents.models.kv_cache import forward_with_cache, new_cache
-from deltamem_agents.ops import cpu_fused
 
 OPTIONS = [
     {"state_update_mode": "lambda_outside"},
@@ -70,7 +71,7 @@ def test_zero_state_is_the_base_and_prefill_then_decode_equals_full_pass(opts, m
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(not cpu_fused.AVAILABLE, reason="numba not installed (or DELTAMEM_KERNEL=torch)")
+@pytest.mark.skipif(not _cpu_kernel.AVAILABLE, reason="numba not installed")
 @pytest.mark.parametrize("opts", [o for o in OPTIONS if o.get("update_rule") != "decoupled"], ids=str)
 @pytest.mark.parametrize("mode", ["tsw", "msw"])
 def test_compiled_kernel_equals_torch_path(opts, mode):
@@ -80,14 +81,19 @@ def test_compiled_kernel_equals_torch_path(opts, mode):
     mask = torch.ones(2, 23, dtype=torch.long)
     mask[1, :4] = 0
 
+    dm.kernel = "auto"
+
     def run(grad: bool):
         dm.reset_state(2)
+        before = dm.kernel_calls()
         with torch.set_grad_enabled(grad):
-            assert dm._fast_path_possible(dm.state) is not grad
             prefill = dm(tokens[:, :15], attention_mask=mask[:, :15]).logits.detach()
             cache = new_cache(dm.base_model.config)
             with torch.no_grad() if not grad else torch.enable_grad():
                 steps = [forward_with_cache(dm, cache, tokens[:, t : t + 1]).logits.detach() for t in range(15, 23)]
+        used = {k: v - before.get(k, 0) for k, v in dm.kernel_calls().items() if v != before.get(k, 0)}
+        layers = len(dm.layer_indices)
+        assert used == ({"torch": 9 * layers} if grad else {"numba-scan": layers, "numba-decode": 8 * layers})
         return torch.cat([prefill, *steps], 1), dm.get_state()
 
     fast_logits, fast_state = run(False)
@@ -99,9 +105,13 @@ def test_compiled_kernel_equals_torch_path(opts, mode):
 
 def test_decoupled_takes_the_torch_path():
     dm = _attach(tiny_model("llama"), "tsw", update_rule="decoupled", state_update_mode="lambda_outside")
-    dm.reset_state(1)
+    dm.kernel = "auto"
     with torch.no_grad():
-        assert not dm._fast_path_possible(dm.state)
+        dm(ids(1, 5))
+    assert dm.kernel_calls() == {"torch": len(dm.layer_indices)}
+    dm.kernel = "numba"
+    with pytest.raises(KernelUnavailableError, match="decoupled"), torch.no_grad():
+        dm(ids(1, 5))
 
 
 # -- the authors' SSW semantics --------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The GPU speed benchmark's harness on the CPU with tiny shapes (figures come from running it on a GPU, never from
-tests): the shapes are the release model's, every arm runs and is checked to do what it is named after, and the
-Triton arm's layer routing gives the torch path's logits."""
+tests): the shapes are the release model's, every arm runs and is checked to do what it is named after (its kernel
+calls are counted), and the Triton arm's kernels give the torch arm's logits."""
 
 from __future__ import annotations
 
@@ -61,7 +61,9 @@ def test_every_arm_runs_on_tiny_shapes(interpreter):
         if r.arm.startswith("ours"):
             assert r.checks["state_written"] and r.checks["state_dtype"] == "torch.float32"
         if r.arm == "ours-triton":  # one scan per layer for the prompt, one fused step per layer and token
-            assert r.checks["triton_calls"] == {"scan": layers, "decode": 3 * layers}
+            assert r.checks["kernel_calls"] == {"triton-scan": layers, "triton-decode": 3 * layers}
+        if r.arm == "ours-torch":
+            assert r.checks["kernel_calls"] == {"torch": 4 * layers}
     rows = ratios(results)
     assert all(row["prefill_ratio"] == 1.0 and row["decode_ratio"] == 1.0 for row in rows if row["arm"] == "plain")
 
@@ -74,8 +76,8 @@ def test_their_arm_uses_its_cache_and_writes_its_state():
     assert theirs.checks["state_written"]
 
 
-def test_triton_routing_gives_the_torch_paths_logits(interpreter):
-    """The layer routing the Triton arm installs (the integration to come): same logits as the torch paths over a
+def test_triton_arm_gives_the_torch_arms_logits(interpreter):
+    """The kernels the Triton arm forces (the layer's own switch) give the torch arm's logits and states over a
     prefill with padding and three decode steps."""
     model = tiny_model("qwen3", layers=2)
     dm = attach(model, DeltaMemConfig())
@@ -96,12 +98,14 @@ def test_triton_routing_gives_the_torch_paths_logits(interpreter):
             out.append(dm(input_ids=ids(2, 1, seed=step + 1), attention_mask=m, **cache_kwargs(dm, cache)).logits)
         return torch.cat(out, 1), [s.clone() for s in dm.state.memory]
 
-    with torch.no_grad(), speed_gpu._without_cpu_kernel():
-        ref, ref_state = run()
-        calls: dict[str, int] = {}
-        with speed_gpu.triton_layer_kernels(calls):
+    with torch.no_grad():
+        with speed_gpu.kernel_preference(dm, "torch"):
+            ref, ref_state = run()
+        assert dm.kernel_calls() == {"torch": 8}
+        with speed_gpu.kernel_preference(dm, "triton"):
             got, got_state = run()
-    assert calls == {"scan": 2, "decode": 6}
+    assert dm.kernel == "auto"  # restored
+    assert dm.kernel_calls() == {"torch": 8, "triton-scan": 2, "triton-decode": 6}
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     for a, b in zip(got_state, ref_state, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

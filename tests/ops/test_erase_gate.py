@@ -1,6 +1,6 @@
 """The erase gate ``ε`` (the authors' ``state_update_mode="lambda_outside"``: ``ε = λ ⊙ β``): the chunked and step
-forms and the compiled CPU kernel agree with the reference loop on outputs, final state and gradients; ``ε = β``
-is exactly the paper's rule; the kernel's raw-q/k option (``normalize_qk=False``) matches too."""
+forms agree with the reference loop on outputs, final state and gradients; ``ε = β`` is exactly the paper's rule.
+(The layer's compiled CPU kernel in every rule: ``tests/adapter/test_cpu_kernel.py``.)"""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltamem_agents.ops import cpu_fused, delta_rule_chunked, delta_rule_reference, delta_rule_step
+from deltamem_agents.ops import delta_rule_chunked, delta_rule_reference, delta_rule_step
 
 
 def _inputs(B, T, N, r, seed, dtype=torch.float64):
@@ -127,53 +127,3 @@ def test_erase_shape_and_dtype_are_checked():
         delta_rule_chunked(q, k, v, beta, s0, mask, erase=beta.float())
     with pytest.raises(ValueError, match="erase"):
         delta_rule_step(q[:, :1], k[:, :1], v[:, :1], beta[:, :1], s0, None, erase=beta[:, :1, :, :4])
-
-
-# -- the compiled CPU kernel -----------------------------------------------------------------------------------
-needs_numba = pytest.mark.skipif(not cpu_fused.AVAILABLE, reason="numba not installed (or DELTAMEM_KERNEL=torch)")
-
-
-def _activated(p, bias, N, r, normalize):
-    """The kernel's activations in torch (float64): q, k (l2norm∘tanh or raw), v, β."""
-    B, T, _ = p.shape
-    x = p.double().view(B, T, 4, N, r)
-    qk = F.normalize(torch.tanh(x[:, :, :2]), dim=-1, eps=1e-6) if normalize else x[:, :, :2]
-    beta = torch.sigmoid(x[:, :, 3] + bias.double().view(N, r))
-    return qk[:, :, 0], qk[:, :, 1], x[:, :, 2], beta
-
-
-@needs_numba
-@pytest.mark.parametrize("rule", ["coupled", "lambda_outside", "delta"])
-@pytest.mark.parametrize("normalize", [True, False])
-@pytest.mark.parametrize(("T", "N", "r"), [(1, 1, 8), (7, 4, 8), (63, 1, 16), (100, 4, 8)])
-@pytest.mark.parametrize("masked", [False, True])
-def test_fused_kernel_rules_match_reference(rule, normalize, T, N, r, masked):
-    g = torch.Generator().manual_seed(T + N + r)
-    scale = 1.0 if normalize else 0.25  # raw keys: keep β‖k‖² small enough that the rule stays stable
-    p = torch.randn(2, T, 4 * N * r, generator=g) * scale
-    bias = torch.randn(N * r, generator=g)
-    memory = torch.randn(2, N, r, r, generator=g) * 0.3
-    mask = (torch.rand(2, T, generator=g) > 0.3) if masked else None
-    code = cpu_fused.kernel_rule("delta" if rule == "delta" else "coupled",
-                                 "lambda_outside" if rule == "lambda_outside" else "standard")
-    reads, state = cpu_fused.delta_rule_fused_cpu(p, bias, memory, mask, N, r, rule=code, normalize_qk=normalize)
-    q, k, v, beta = _activated(p, bias, N, r, normalize)
-    decay = torch.ones_like(beta) if rule == "delta" else None
-    erase = (1 - beta) * beta if rule == "lambda_outside" else None
-    ref_out, ref_s = delta_rule_reference(q, k, v, beta, memory.double(), mask, decay=decay, erase=erase)
-    torch.testing.assert_close(reads.double(), ref_out.reshape(2, T, N * r), rtol=1e-4, atol=2e-5)
-    torch.testing.assert_close(state.double(), ref_s, rtol=1e-4, atol=2e-5)
-
-
-def test_kernel_rule_codes():
-    assert cpu_fused.kernel_rule("coupled") == cpu_fused.RULE_COUPLED
-    assert cpu_fused.kernel_rule("coupled", "lambda_outside") == cpu_fused.RULE_LAMBDA_OUTSIDE
-    assert cpu_fused.kernel_rule("delta", "lambda_outside") == cpu_fused.RULE_DELTA  # λ = 1: the same rule
-    assert cpu_fused.kernel_rule("decoupled") is None  # needs the λ projection: the torch paths run
-
-
-@needs_numba
-def test_fused_kernel_refuses_an_unknown_rule():
-    with pytest.raises(ValueError, match="rule"):
-        cpu_fused.delta_rule_fused_cpu(torch.randn(1, 2, 32), torch.zeros(8), torch.zeros(1, 1, 8, 8), None, 1, 8,
-                                       rule=7)

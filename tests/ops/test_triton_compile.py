@@ -1,10 +1,10 @@
 """Every Triton kernel compiles to machine code for a Hopper GPU (sm_90, the H100/H200), without a GPU.
 
-The interpreter tests (``test_triton_scan.py``, ``test_triton_decode.py``) check the kernels' arithmetic; they do
-not run Triton's compiler, which is stricter (types of loop-carried values, tensor shapes, what is constexpr). This
-compiles each kernel in each of its constexpr variants for ``cuda:90`` with Triton's own bundled ``ptxas``, in a
-subprocess with the interpreter off (the switch is read when triton is imported), and checks with the bundled
-``cuobjdump`` that no variant spills registers to local memory."""
+The interpreter tests (``test_triton_scan.py``, ``tests/adapter/test_triton_decode.py``) check the kernels'
+arithmetic; they do not run Triton's compiler, which is stricter (types of loop-carried values, tensor shapes, what
+is constexpr). This compiles each kernel in each of its constexpr variants for ``cuda:90`` with Triton's own bundled
+``ptxas``, in a subprocess with the interpreter off (the switch is read when triton is imported), and checks with
+the bundled ``cuobjdump`` that no variant spills registers to local memory."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
-from deltamem_agents.ops import triton_decode as td, triton_scan as ts
+from deltamem_agents.adapter import _triton_decode as td
+from deltamem_agents.ops import triton_scan as ts
 
 INTS = {"T", "N", "R", "C", "NC"}
 HALF = {"q_ptr", "k_ptr", "v_ptr", "g0_ptr", "g1_ptr", "g2_ptr", "p_ptr", "bias_ptr", "decay_ptr", "out_ptr"}

@@ -1,4 +1,4 @@
-"""Fused CPU kernel of the δ-mem token write (inference only), compiled with numba.
+"""The compiled CPU kernel of the δ-mem token write (inference only, numba): private to the layer.
 
 Why: on a CPU the δ-mem arithmetic is tiny (an 8×8 state per layer) and its cost is almost entirely the number
 of eager torch dispatches — the activations (tanh, L2 norm, sigmoid) and the chunked scan are ~40 small ops per
@@ -14,19 +14,20 @@ delta rule (λ = 1; their ``no_lambda``), their ``lambda_outside`` erase (``S �
 Diag(β) v kᵀ`` with λ = 1 − β), and raw queries/keys (``normalize_qk=False``: no tanh, no L2 norm). A retention
 with its own projection (``decoupled``) is not covered: :func:`kernel_rule` returns None and the torch paths run.
 
-It has no autograd: :class:`~deltamem_agents.adapter.layer.DeltaMemLayer` uses it only when no gradient is
-needed, on float32 CPU tensors, and otherwise falls back to :func:`.chunked.delta_rule_chunked` /
-:func:`.step.delta_rule_step`. The plain reference it is tested against is :func:`.reference.delta_rule_reference`
-(after the same activations). ``nogil=True`` lets sessions on different threads run their scans in parallel.
+Why private to the layer (and not in :mod:`deltamem_agents.ops`): it takes the layer's raw fused projections
+``[q̂; k̂; v; b̂]`` with its gate bias and activations (the decode variant even the projection and the query
+steering), i.e. the layer's parametrisation, not the ``(q, k, v, β)`` contract of the ops. It has no autograd;
+:class:`~deltamem_agents.adapter.kernel_choice.KernelChoice` picks it only for float32 CPU calls that need no
+gradient. It is tested against the layer's torch path and the per-token reference
+(:func:`~deltamem_agents.ops.delta_rule_reference`, after the same activations). ``nogil=True`` lets sessions on
+different threads run their scans in parallel.
 
-numba is optional: :data:`AVAILABLE` is False when it is not installed (or ``DELTAMEM_KERNEL=torch``), and the
-torch paths are used.
+numba is optional: :data:`AVAILABLE` is False when it is not installed, and the torch paths are used.
 """
 
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
@@ -34,11 +35,11 @@ from torch import Tensor
 
 try:  # optional dependency
     import numba
-
-    AVAILABLE = os.environ.get("DELTAMEM_KERNEL", "auto").strip().lower() != "torch"
 except ImportError:  # pragma: no cover - exercised only without numba
     numba = None
-    AVAILABLE = False
+
+#: numba is installed (whether the kernel is used is :mod:`.kernel_choice`'s decision, per call)
+AVAILABLE = numba is not None
 
 __all__ = [
     "AVAILABLE",
@@ -47,7 +48,6 @@ __all__ = [
     "RULE_LAMBDA_OUTSIDE",
     "decode_write_steer_",
     "delta_rule_fused_cpu",
-    "delta_rule_numba",
     "fused_write_unchecked",
     "kernel_rule",
 ]
@@ -129,28 +129,6 @@ if numba is not None:
                 write = (not has_mask) or mask[b, t]
                 _position(p[b, t], bias, state[b], out[b, t], q, k, num_states, rank, eps, write, rule, normalize)
 
-    @numba.njit(cache=True, nogil=True, fastmath=False)
-    def _plain_kernel(q, k, v, beta, state, mask, out, has_mask):  # pragma: no cover - compiled
-        # The bare delta rule on prepared q, k, v, β (B, T, N, r): the standard ops contract.
-        B, T, N, r = q.shape
-        for b in range(B):
-            for t in range(T):
-                write = (not has_mask) or mask[b, t]
-                for n in range(N):
-                    for i in range(r):
-                        acc_q = 0.0
-                        acc_k = 0.0
-                        for j in range(r):
-                            s = state[b, n, i, j]
-                            acc_q += s * q[b, t, n, j]
-                            acc_k += s * k[b, t, n, j]
-                        out[b, t, n, i] = acc_q
-                        if write:
-                            bi = beta[b, t, n, i]
-                            e = bi * (v[b, t, n, i] - acc_k)
-                            for j in range(r):
-                                state[b, n, i, j] = (1.0 - bi) * state[b, n, i, j] + e * k[b, t, n, j]
-
 
 _NO_MASK = np.ones((1, 1), dtype=np.bool_)
 _EPS32 = np.float32(L2_EPS)
@@ -207,20 +185,21 @@ _NO_ROW_MASK = np.ones(1, dtype=np.bool_)
 
 
 def decode_write_steer_(
-    x: Tensor, in_t: Tensor, bias: np.ndarray, memory: Tensor, mask: Tensor | None, out_q: Tensor,
+    x: Tensor, in_t: Tensor, bias: np.ndarray, memory: Tensor, mask: Tensor | None, out_q: Tensor | None,
     wq_t: Tensor | None, scale: float, num_states: int, rank: int, rule: int = RULE_COUPLED,
     normalize_qk: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Decode hot path in one compiled call: projection, activations, read, write, and the query steering
-    (added to ``out_q`` in place). ``x (R, d)`` one position per row, ``out_q (R, q_out)`` contiguous, ``memory
-    (R, N, r, r)`` (not modified). Returns reads ``(R, N·r)`` and the new memory. No argument checks (hot path)."""
+    (added to ``out_q`` in place; skipped when ``wq_t`` is None). ``x (R, d)`` contiguous, one position per row,
+    ``out_q (R, q_out)`` contiguous, ``memory (R, N, r, r)`` (not modified). Returns reads ``(R, N·r)`` and the new
+    memory. No argument checks (hot path)."""
     state = memory.clone()
     out = torch.empty(x.shape[0], num_states * rank)
     m = _NO_ROW_MASK if mask is None else _np(mask.reshape(-1))
     steer = wq_t is not None
-    _decode_kernel(x.numpy(), in_t.numpy(), bias, state.numpy(), m, out.numpy(), out_q.numpy(),
-                   wq_t.numpy() if steer else _NO_STEER, np.float32(scale), num_states, rank, _EPS32,
-                   mask is not None, steer, rule, normalize_qk)
+    _decode_kernel(x.numpy(), in_t.numpy(), bias, state.numpy(), m, out.numpy(),
+                   out_q.numpy() if steer else _NO_STEER, wq_t.numpy() if steer else _NO_STEER, np.float32(scale),
+                   num_states, rank, _EPS32, mask is not None, steer, rule, normalize_qk)
     return out, state
 
 
@@ -256,26 +235,3 @@ def delta_rule_fused_cpu(
     bias = beta_bias.detach().float().contiguous().numpy()
     return fused_write_unchecked(p.detach().contiguous(), bias, memory.detach().contiguous(), mask, num_states, rank,
                                  rule, bool(normalize_qk))
-
-
-def delta_rule_numba(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    beta: Tensor,
-    initial_state: Tensor | None = None,
-    mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The gated delta rule with the ops contract of :func:`.reference.delta_rule_reference`, compiled (CPU,
-    float32 or float64, no autograd). Used to test the compiled scan on its own."""
-    from .reference import check_inputs
-
-    B, T, N, r = check_inputs(q, k, v, beta, initial_state, mask)
-    if not AVAILABLE:
-        raise RuntimeError("delta_rule_numba needs numba (pip install numba)")
-    state = (q.new_zeros(B, N, r, r) if initial_state is None else initial_state.detach().clone()).contiguous()
-    out = q.new_empty(B, T, N, r)
-    has_mask = mask is not None
-    m = _np(mask.to(torch.bool)) if has_mask else np.ones((1, 1), dtype=np.bool_)
-    _plain_kernel(_np(q), _np(k), _np(v), _np(beta), state.numpy(), m, out.numpy(), has_mask)
-    return out, state

@@ -1,7 +1,8 @@
-"""Fused Triton decode step of δ-mem: activations, read and write of one position per row in one kernel.
+"""Fused Triton decode step of δ-mem: activations, read and write of one position per row in one kernel; private to
+the layer (it takes the layer's raw fused projections and gate bias, not the ops' ``(q, k, v, β)`` contract).
 
 The decode hot path runs once per layer per generated token. In torch it is the projection, ~8 activation ops
-(tanh, L2 norm, sigmoid, the split) and the 6 ops of :func:`.step.delta_rule_step`; on a GPU each is a launch of
+(tanh, L2 norm, sigmoid, the split) and the 6 ops of :func:`~deltamem_agents.ops.delta_rule_step`; on a GPU each is a launch of
 a few microseconds for a handful of numbers. Here the projection ``p = x W_inᵀ`` stays a torch GEMM (cuBLAS does
 it best) and everything after it is one kernel, one program per (row, sub-state)::
 
@@ -12,13 +13,14 @@ it best) and everything after it is one kernel, one program per (row, sub-state)
 
 with ``(keep, erase, write)`` by ``update``: ``"standard"`` ``(λ, β, β)`` (the paper's coupled rule when no decay is
 given), ``"lambda_outside"`` ``(λ, λβ, β)``, ``"no_lambda"`` ``(1, β, β)`` — the authors' ``state_update_mode``
-values. Same math as :mod:`.cpu_fused` (tested against it and against :func:`.reference.delta_rule_reference`).
+values. Same math as :mod:`._cpu_kernel` (tested against it and against
+:func:`~deltamem_agents.ops.delta_rule_reference`).
 
 CUDA-graph friendly: fixed shapes, no host syncs (only metadata is checked, nothing reads a tensor's value on the
 host), no data-dependent Python branches; the new state can be written into a preallocated ``state_out`` — also
 ``state`` itself (each program loads its whole sub-state before storing it, and no two programs share one), so a
 captured graph can keep the state in one static buffer. Inference only (no autograd): training takes the
-differentiable :func:`.triton_scan.delta_rule_triton` (which handles ``T = 1`` in one launch).
+differentiable :func:`~deltamem_agents.ops.triton_scan.delta_rule_triton` (which handles ``T = 1`` in one launch).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .triton_support import AVAILABLE, check_device, jit, next_power_of_2, tl
+from ..ops.triton_support import AVAILABLE, check_device, jit, next_power_of_2, tl
 
 __all__ = ["UPDATE_MODES", "delta_rule_decode_triton"]
 
