@@ -13,7 +13,8 @@ import time
 import pytest
 
 from deltamem_agents import cli
-from deltamem_agents.cli import default_threads, main
+from deltamem_agents.cli import main
+from deltamem_agents.cli_support import THREADS_ENV, default_threads
 from deltamem_agents.engine import cli_commands
 
 STOPPED = "(stopped — nothing of this turn was saved)"
@@ -39,7 +40,7 @@ def _help(capsys, monkeypatch, *argv: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- help
 def test_chat_help_shows_defaults_and_what_each_mode_remembers(capsys, monkeypatch):
-    monkeypatch.delenv(cli.THREADS_ENV, raising=False)
+    monkeypatch.delenv(THREADS_ENV, raising=False)
     out = _help(capsys, monkeypatch, "chat")
     assert "(default: 1024)" in out  # --window-tokens
     assert "(default: 512)" in out  # --max-new-tokens
@@ -63,7 +64,7 @@ def test_chat_help_shows_defaults_and_what_each_mode_remembers(capsys, monkeypat
 
 
 def test_threads_help_is_the_same_on_every_model_command(capsys, monkeypatch):
-    monkeypatch.setenv(cli.THREADS_ENV, "3")
+    monkeypatch.setenv(THREADS_ENV, "3")
 
     def threads_line(*argv: str) -> str:
         return next(line.strip() for line in _help(capsys, monkeypatch, *argv).splitlines()
@@ -77,15 +78,15 @@ def test_threads_help_is_the_same_on_every_model_command(capsys, monkeypatch):
 
 
 def test_default_threads(monkeypatch, capsys):
-    monkeypatch.delenv(cli.THREADS_ENV, raising=False)
+    monkeypatch.delenv(THREADS_ENV, raising=False)
     for cpus, expected in ((None, 1), (1, 1), (2, 1), (4, 2), (6, 3), (8, 4), (64, 4)):
         monkeypatch.setattr(os, "cpu_count", lambda c=cpus: c)
         assert default_threads() == expected, cpus
-    monkeypatch.setenv(cli.THREADS_ENV, "7")
+    monkeypatch.setenv(THREADS_ENV, "7")
     assert default_threads() == 7
-    monkeypatch.setenv(cli.THREADS_ENV, "0")  # 0: torch's own choice
+    monkeypatch.setenv(THREADS_ENV, "0")  # 0: torch's own choice
     assert default_threads() == 0
-    monkeypatch.setenv(cli.THREADS_ENV, "lots")
+    monkeypatch.setenv(THREADS_ENV, "lots")
     assert default_threads() == 4  # falls back to the formula (64 CPUs), loudly
     assert "warning: ignoring $DELTAMEM_THREADS='lots'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -94,7 +95,7 @@ def test_default_threads(monkeypatch, capsys):
 
 
 def test_env_sets_the_threads_default(monkeypatch):
-    monkeypatch.setenv(cli.THREADS_ENV, "2")
+    monkeypatch.setenv(THREADS_ENV, "2")
     args = cli.build_parser(["chat"]).parse_args(["chat", "--session", "s"])
     assert args.threads == 2
     args = cli.build_parser(["chat"]).parse_args(["chat", "--session", "s", "--threads", "5"])

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from ..evaluation.resources import ResourceMonitor
 from ..extras import pyplot
+from ..resources import ResourceMonitor
 
 __all__ = [
     "ARMS",

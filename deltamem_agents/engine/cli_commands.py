@@ -263,7 +263,7 @@ def _check_chat(args: argparse.Namespace) -> None:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from ..cli import apply_threads
+    from ..cli_support import apply_threads
 
     _check_chat(args)  # before the model loads: a typo costs no model load
     thinking = _Thinking()
@@ -377,7 +377,7 @@ def _non_negative(text: str) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``chat`` and ``sessions`` to the ``deltamem`` parser."""
-    from ..cli import HelpFormatter, add_threads_argument
+    from ..cli_support import HelpFormatter, add_threads_argument
 
     chat = sub.add_parser(
         "chat", help="chat with memory (interactive, or one turn with --message)", formatter_class=HelpFormatter,

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``eval`` sub-command to ``deltamem``'s sub-parsers."""
-    from ..cli import add_threads_argument
+    from ..cli_support import add_threads_argument
     from .tasks import TASK_NAMES
 
     p = subparsers.add_parser(
@@ -134,7 +134,7 @@ def _evidence_warning(ev: EvidenceCounts) -> str | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..cli import apply_threads
+    from ..cli_support import apply_threads
 
     apply_threads(args.threads)  # before the model loads
     import torch

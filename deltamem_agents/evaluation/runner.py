@@ -33,11 +33,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..resources import ResourceMonitor
 from ..training.examples import MemoryExample
 from .lm import LanguageModel, Prefix
 from .metrics import exact_match, label_match, locomo_f1, match_score, normalize_text
 from .prompts import PromptRenderer
-from .resources import ResourceMonitor
 from .retrieval import Bm25Index
 from .tasks import EvalTask
 from .windows import evidence_position, window_start

@@ -133,7 +133,7 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``serve`` and ``keys`` to the ``deltamem`` parser."""
-    from ..cli import HelpFormatter, _thread_count
+    from ..cli_support import HelpFormatter, thread_count
 
     serve = sub.add_parser(
         "serve", help="an OpenAI-compatible HTTP server with persistent sessions", formatter_class=HelpFormatter,
@@ -143,7 +143,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     for flag, field, type_, help_ in _SERVE_FLAGS:
         serve.add_argument(flag, dest=field, type=type_, default=None, help=help_)
-    serve.add_argument("--threads", type=_thread_count, default=None, metavar="N",
+    serve.add_argument("--threads", type=thread_count, default=None, metavar="N",
                        help="torch CPU threads (default: $DELTAMEM_THREADS, else max(1, min(4, CPUs // 2)))")
     serve.add_argument("--workers", type=int, default=int(os.environ.get("DELTAMEM_WORKERS") or 1), metavar="N",
                        help="worker processes, each with its own engine; share a PostgreSQL store (default 1)")

@@ -46,7 +46,7 @@ def settings_to_env(settings: ServerSettings) -> dict[str, str]:
 def create_worker_app() -> Any:
     """The ASGI factory each worker process of ``deltamem serve --workers N`` calls: settings from the
     environment, the torch thread count applied, then its own engine (model and store connections)."""
-    from ..cli import apply_threads, default_threads
+    from ..cli_support import apply_threads, default_threads
     from .app import create_app
 
     settings = ServerSettings()
@@ -64,7 +64,7 @@ def run_server(settings: ServerSettings, workers: int = 1) -> None:
     """
     import uvicorn
 
-    from ..cli import apply_threads, default_threads
+    from ..cli_support import apply_threads, default_threads
     from .app import create_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

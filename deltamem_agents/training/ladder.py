@@ -400,13 +400,13 @@ class LadderRun:
 
     @torch.no_grad()
     def general_ability(self) -> dict[str, float]:
-        """Perplexity of reference answers to short general questions (``probe.GENERAL_QA``, no history): the
+        """Perplexity of reference answers to short general questions (``data.general.GENERAL_QA``, no history): the
         plain model, a fresh state (exactly the plain model by construction), and a state into which an unrelated
         ~1,000-token conversation was written message by message as the windowed engine writes it."""
-        from .probe import GENERAL_QA, _long_conversation
+        from .data.general import GENERAL_QA, long_conversation
 
         rows = [encode_prompt_answer(self.tokenizer, self._prompt(q), a) for q, a in GENERAL_QA]
-        conv = MemoryExample(id="general", task="general", history=_long_conversation(), question="", answers=[""])
+        conv = MemoryExample(id="general", task="general", history=long_conversation(), question="", answers=[""])
         ids = self._messages_ids(conv)
         written = write_contexts(self.dm, [ids], self.pad_id)
 

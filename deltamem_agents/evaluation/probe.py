@@ -7,11 +7,11 @@ trainer's own questions on synthetic held-out dialogues:
   ``[system, question]`` is in the prompt (writes off) and the choice with the highest summed log-probability wins;
   against the plain model without history (``none``) and with the history in its prompt (``context``);
 * **state-only generation exact match** (greedy, writes off), scored with the evaluation suite's own
-  ``exact_match`` / ``contains_match`` (``evaluation/metrics.py``), so "exact match" means one thing everywhere;
+  ``exact_match`` / ``contains_match`` (``metrics.py`` beside it), so "exact match" means one thing everywhere;
 * **general ability**: perplexity of reference answers to short questions with no history, plain vs δ-mem with a
   fresh state (must be identical) vs δ-mem after a long unrelated conversation was written into the state.
 
-Run: ``python -m deltamem_agents.training.probe --adapter DIR [--n 200] [--gen 60] [--json OUT]``.
+Run: ``python -m deltamem_agents.evaluation.probe --adapter DIR [--n 200] [--gen 60] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -28,14 +28,14 @@ import torch
 import torch.nn.functional as F
 
 from ..adapter import DeltaMemModel
-from ..evaluation.metrics import contains_match, exact_match, wilson_interval
 from ..extras import pyplot
-from .collate import encode_context, encode_prompt_answer, pad_read, pad_write
-from .config import DEFAULT_SYSTEM_PROMPT
-from .examples import MemoryExample
+from ..training.collate import encode_context, encode_prompt_answer, pad_read, pad_write
+from ..training.config import DEFAULT_SYSTEM_PROMPT
+from ..training.data.general import GENERAL_QA, long_conversation
+from ..training.examples import MemoryExample
+from .metrics import contains_match, exact_match, wilson_interval
 
 __all__ = [
-    "GENERAL_QA",
     "MODES",
     "choice_accuracy",
     "general_ability",
@@ -51,39 +51,6 @@ __all__ = [
 
 MODES = ("state", "none", "context")
 
-#: Short general questions with reference answers (general-ability check; no history).
-GENERAL_QA: tuple[tuple[str, str], ...] = (
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("How many days are in a week?", "There are seven days in a week."),
-    ("What colour is the sky on a clear day?", "The sky is blue on a clear day."),
-    ("What do bees make?", "Bees make honey."),
-    ("What is two plus three?", "Two plus three is five."),
-    ("Which planet do we live on?", "We live on Earth."),
-    ("What is frozen water called?", "Frozen water is called ice."),
-    ("How many legs does a spider have?", "A spider has eight legs."),
-    ("What is the opposite of hot?", "The opposite of hot is cold."),
-    ("What gas do plants take in?", "Plants take in carbon dioxide."),
-    ("What is the largest ocean?", "The largest ocean is the Pacific Ocean."),
-    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
-    ("What is the boiling point of water in Celsius?", "Water boils at 100 degrees Celsius."),
-    ("How many hours are in a day?", "There are 24 hours in a day."),
-    ("What language is spoken in Spain?", "Spanish is spoken in Spain."),
-    ("What do cows drink?", "Cows drink water."),
-    ("What is the color of grass?", "Grass is green."),
-    ("Name a fruit that is yellow.", "A banana is yellow."),
-    ("What is the main ingredient of bread?", "The main ingredient of bread is flour."),
-    ("How many months are in a year?", "There are twelve months in a year."),
-    ("What does a thermometer measure?", "A thermometer measures temperature."),
-    ("What is the capital of Japan?", "The capital of Japan is Tokyo."),
-    ("Which animal is known as man's best friend?", "The dog is known as man's best friend."),
-    ("What is ten minus four?", "Ten minus four is six."),
-    ("What shape has three sides?", "A triangle has three sides."),
-    ("What do we call a baby cat?", "A baby cat is called a kitten."),
-    ("Which season comes after winter?", "Spring comes after winter."),
-    ("What is the chemical symbol for water?", "The chemical symbol for water is H2O."),
-    ("How do you greet someone in the morning?", "You can say good morning."),
-    ("What instrument has black and white keys?", "The piano has black and white keys."),
-)
 
 
 def _groups(examples: Sequence[MemoryExample]) -> list[list[MemoryExample]]:
@@ -203,16 +170,6 @@ def generate_answers(dm: DeltaMemModel, tokenizer: Any, examples: Sequence[Memor
     return out
 
 
-def _long_conversation(n_turns: int = 40) -> list[dict[str, str]]:
-    from .data.synthetic import _SMALL_TALK
-
-    msgs = []
-    for i in range(n_turns):
-        q, a = _SMALL_TALK[i % len(_SMALL_TALK)]
-        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    return msgs
-
-
 @torch.no_grad()
 def general_ability(dm: DeltaMemModel, tokenizer: Any, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
                     qa: Sequence[tuple[str, str]] = GENERAL_QA) -> dict[str, Any]:
@@ -242,7 +199,7 @@ def general_ability(dm: DeltaMemModel, tokenizer: Any, system_prompt: str = DEFA
         t = batch.labels[:, -K:][:, 1:]
         lp = F.log_softmax(logits[:, :-1].float(), -1).gather(-1, t.clamp_min(0)[..., None])[..., 0] * (t != -100)
         online.append((float(lp.sum()), int((t != -100).sum())))
-    conv = _long_conversation()
+    conv = long_conversation()
     write_histories(dm, tokenizer, [conv], system_prompt)
     n_conv_tokens = len(encode_context(tokenizer, system + conv, 8192)[0])
     dm.set_state(dm.get_state([0] * len(rows)))
@@ -268,7 +225,7 @@ def probe_memory(dm: DeltaMemModel, tokenizer: Any, *, n: int = 200, n_gen: int 
                  system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> dict[str, Any]:
     """State-only choice accuracy (and the no-memory / in-context arms) and generation EM on held-out
     synthetic dialogues (values never produced by the train split)."""
-    from .data import load_task
+    from ..training.data import load_task
 
     examples = load_task("synthetic", split="heldout", limit=n, seed=seed, level=level)
     report: dict[str, Any] = {"n_examples": len(examples), "seed": seed, "level": level, "choice": {}}

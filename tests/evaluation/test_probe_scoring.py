@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from deltamem_agents.evaluation import metrics
-from deltamem_agents.training import probe
+from deltamem_agents.evaluation import metrics, probe
 
 
 def test_probe_uses_the_evaluation_metrics():
