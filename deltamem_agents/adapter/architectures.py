@@ -12,6 +12,16 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..errors import DeltaMemError
+
+__all__ = [
+    "ARCHITECTURES",
+    "GENERIC_LAYERS_PATHS",
+    "ArchitectureSpec",
+    "UnsupportedArchitectureError",
+    "resolve_architecture",
+]
+
 logger = logging.getLogger(__name__)
 
 
@@ -53,7 +63,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
 GENERIC_LAYERS_PATHS = ("model.layers", "model.language_model.layers", "model.decoder.layers", "transformer.h")
 
 
-class UnsupportedArchitectureError(ValueError):
+class UnsupportedArchitectureError(DeltaMemError, ValueError):
     """The model has no attention layout δ-mem knows how to hook."""
 
 

@@ -7,6 +7,18 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+__all__ = [
+    "BRANCHES",
+    "INITS",
+    "LAYER_PRESETS",
+    "QUERY_INITS",
+    "SSW_SEMANTICS",
+    "STATE_UPDATE_MODES",
+    "UPDATE_RULES",
+    "WRITE_MODES",
+    "DeltaMemConfig",
+]
+
 WRITE_MODES = ("tsw", "ssw", "msw")
 BRANCHES = ("q", "o")
 #: ``ov_svd`` (beyond the paper): ``W_v^m`` and ``W_o^Δ`` start as the top ``N·r`` singular directions of the

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+__all__ = ["Interception", "OutputHook", "intercept_output"]
+
 #: ``fn(module, args, output) -> new output or None`` (the signature of a forward hook).
 OutputHook = Callable[[nn.Module, tuple, Tensor], Tensor | None]
 

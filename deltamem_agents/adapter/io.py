@@ -17,9 +17,24 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..errors import DeltaMemError
 from ..files import atomic_write
 from .config import DeltaMemConfig
 from .model import DeltaMemModel, attach
+
+__all__ = [
+    "CONFIG_NAME",
+    "FORMAT_VERSION",
+    "WEIGHTS_NAME",
+    "AdapterMismatchError",
+    "adapter_fingerprint",
+    "base_model_fingerprint",
+    "base_model_identity",
+    "load_adapter",
+    "read_adapter_metadata",
+    "save_adapter",
+    "tensors_fingerprint",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -30,7 +45,7 @@ FORMAT_VERSION = 1
 _LATER_OPTIONS = {"state_update_mode": "standard", "normalize_qk": True, "ssw_semantics": "ours"}
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(DeltaMemError, ValueError):
     """The adapter was trained for another base model, or its files disagree with each other."""
 
 

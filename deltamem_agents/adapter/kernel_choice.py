@@ -36,6 +36,7 @@ from types import SimpleNamespace
 import torch
 from torch import Tensor
 
+from ..errors import DeltaMemError
 from . import _cpu_kernel
 from .config import DeltaMemConfig
 
@@ -65,7 +66,7 @@ _F32 = torch.float32
 _TRITON_MAX_RANK = 64  # ops.triton_scan.MAX_RANK, without importing triton to know it
 
 
-class KernelUnavailableError(RuntimeError):
+class KernelUnavailableError(DeltaMemError, RuntimeError):
     """A forced kernel (``DELTAMEM_KERNEL`` or ``DeltaMemModel.kernel``) cannot serve this call; the message says
     why. ``auto`` never raises it."""
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+__all__ = ["ASSETS_DIR", "DEFAULT_ADAPTER", "shipped_adapter_dir", "shipped_adapters"]
+
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets" / "adapters"
 
 #: The adapter used by default with the embedded model.

@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ..errors import DeltaMemError
+
 try:  # optional dependency
     import triton
     import triton.language as tl
@@ -31,7 +33,7 @@ __all__ = ["AVAILABLE", "TritonUnavailableError", "check_device", "interpreting"
 AVAILABLE = triton is not None
 
 
-class TritonUnavailableError(RuntimeError):
+class TritonUnavailableError(DeltaMemError, RuntimeError):
     """The Triton kernels cannot run here: Triton is missing, or the tensors are on a CPU without the interpreter."""
 
 
