@@ -1,4 +1,5 @@
-"""Gated delta-rule kernels (the bottom layer: imports nothing from ``deltamem_agents`` but the error root).
+"""Gated delta-rule kernels: the contract forms (the bottom layer: imports nothing from ``deltamem_agents`` but
+the error root).
 
 Every form shares one contract, ``fn(q, k, v, beta, initial_state=None, mask=None, *, decay=None, erase=None)
 -> (out, final_state)`` with ``q, k, v, beta (B, T, N, r)``, ``initial_state (B, N, r, r)``, ``mask (B, T)``
