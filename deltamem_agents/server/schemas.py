@@ -127,7 +127,8 @@ class _GenerationRequest(BaseModel):
 class ChatCompletionRequest(_GenerationRequest):
     """``POST /v1/chat/completions``. Extensions: ``session_id``, ``conversation`` (pick the session, like the
     ``X-Session-ID`` header), ``history`` (``"full"``, default: the messages are the whole conversation;
-    ``"append"``: they follow what the session already holds) and ``on_divergence`` (``"reject"`` or
+    ``"append"``: they follow what the session already holds; ``"auto"``: the engine's rule, which also accepts a
+    trimmed view of the conversation that ends with what the session holds) and ``on_divergence`` (``"reject"`` or
     ``"rollback"``, like the ``X-DeltaMem-On-Divergence`` header; default: the server's setting)."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -136,7 +137,7 @@ class ChatCompletionRequest(_GenerationRequest):
     tool_choice: Any = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
-    history: Literal["full", "append"] = "full"
+    history: Literal["full", "append", "auto"] = "full"
     on_divergence: Literal["reject", "rollback"] | None = None
 
     @field_validator("logprobs")

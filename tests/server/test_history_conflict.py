@@ -110,3 +110,23 @@ def test_settings_and_flag():
     assert settings.on_divergence == "rollback" and settings.max_messages_per_call == 50
     with pytest.raises(ValidationError):
         ServerSettings(on_divergence="sometimes")
+
+
+def test_a_client_that_trims_its_history_says_auto(live):
+    """A client that keeps only the start and the end of a long conversation (trim_messages and the like) sends a
+    view, not the whole conversation: under the default ``history: "full"`` that diverges; ``"auto"`` writes only
+    its new message."""
+    client = live.client()
+    history = [{"role": "system", "content": "Be brief."}]
+    for i in range(3):
+        history.append({"role": "user", "content": f"Fact number {i}."})
+        reply = _chat(client, "trimmed", history).parse()
+        history.append({"role": "assistant", "content": reply.choices[0].message.content})
+    trimmed = [history[0], *history[-2:], {"role": "user", "content": "And the last one?"}]
+    version = _version(live, "trimmed")
+    with pytest.raises(openai.ConflictError):
+        _chat(client, "trimmed", trimmed)
+    assert _version(live, "trimmed") == version
+    ok = _chat(client, "trimmed", trimmed, extra_body={"history": "auto"}).parse()
+    assert ok.deltamem["replayed"] is False and ok.deltamem["turn"] == 4
+    assert ok.deltamem["written_tokens"] > 0 and _version(live, "trimmed") == version + 1
