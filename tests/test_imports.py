@@ -35,7 +35,7 @@ PUBLIC = {
     "deltamem_agents.engine": (
         "ChatChunk ChatResult ConcurrentUpdateError ContextLengthError CorruptStateError DEFAULT_SAMPLING "
         "EngineError FingerprintMismatchError HistoryConflictError InvalidMessageError InvalidOptionError "
-        "InvalidStateError KVCacheStats MODES MemoryEngine Message MessageTooLongError PortableFormatError "
+        "InvalidStateError KVCacheStats MODES MemoryEngine Message MessageTooLongError PROTOCOLS PortableFormatError "
         "SamplingParams SessionExistsError SessionNotFoundError TooManyMessagesError Usage WriteResult "
         "normalize_messages"
     ),

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "DEFAULT_SAMPLING": ".engine",
     "MODES": ".engine",
+    "PROTOCOLS": ".engine",
     "MemoryEngine": ".engine",
     "KVCacheStats": ".kv_pool",
     "ConcurrentUpdateError": ".errors",
@@ -45,6 +46,7 @@ _EXPORTS = {
 __all__ = [
     "DEFAULT_SAMPLING",
     "MODES",
+    "PROTOCOLS",
     "ChatChunk",
     "ChatResult",
     "ConcurrentUpdateError",
@@ -71,7 +73,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .engine import DEFAULT_SAMPLING, MODES, MemoryEngine
+    from .engine import DEFAULT_SAMPLING, MODES, PROTOCOLS, MemoryEngine
     from .errors import (
         ConcurrentUpdateError,
         ContextLengthError,

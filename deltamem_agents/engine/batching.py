@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -67,7 +68,7 @@ class ModelRunner:
         *,
         cache: Any = None,
         writes: bool,
-        segment_id: int | None = None,
+        segment_id: int | Sequence[int] | None = None,
         want_logits: bool = True,
     ) -> tuple[Tensor | None, DeltaMemState]:
         """Run ``ids`` (one sequence) on ``state``.
@@ -77,7 +78,9 @@ class ModelRunner:
             ids: token ids ``(T,)`` continuing ``cache`` (a ``DynamicCache``, extended in place) or, with
                 ``cache=None``, a fresh sequence with no context.
             writes: write these tokens into the state (TSW/MSW: every token; SSW: one message, ``segment_id``).
-            segment_id: SSW message id of all ``ids`` (the history index); ignored by TSW/MSW.
+            segment_id: SSW message id of all ``ids`` (the history index), or one id per token ``(T,)`` (the
+                authors' protocol runs several messages and the generation header, id ``-1``, in one call);
+                ignored by TSW/MSW.
             want_logits: compute the last position's logits.
         Returns:
             ``logits (V,)`` float32 of the last position (or None) and the state after the call.
@@ -87,7 +90,12 @@ class ModelRunner:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         kwargs: dict[str, Any] = {"logits_to_keep": 1}
         if writes and self.model.config.write_mode == "ssw" and segment_id is not None:
-            kwargs["segment_ids"] = torch.full_like(input_ids, segment_id)
+            if isinstance(segment_id, int):
+                kwargs["segment_ids"] = torch.full_like(input_ids, segment_id)
+            else:
+                if len(segment_id) != len(ids):
+                    raise ValueError(f"segment_id: {len(segment_id)} ids for {len(ids)} tokens")
+                kwargs["segment_ids"] = torch.tensor([list(segment_id)], dtype=torch.long, device=self.device)
         with self.lock:
             self.model.set_state(state)
             with contextlib.nullcontext() if writes else self.model.writes_disabled():

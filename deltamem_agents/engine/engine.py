@@ -15,7 +15,9 @@ was written, :mod:`.turns` runs the call in its mode, :mod:`.generation` decodes
    text and write each message on its own after generation.
 4. Generate (every generated token reads the state, nothing is written), then write the reply as a message.
    Decode steps are the session's own forward calls, or (``batch_decode=True``) batched with the steps of other
-   sessions generating at the same time (:mod:`.decode_batcher`).
+   sessions generating at the same time (:mod:`.decode_batcher`). With ``protocol="authors"`` (an option) the
+   generation header and each generated token are written as they run, as the authors' chat session does
+   (:class:`~.turns.AuthorsTurns`).
 5. Commit state, new records and window with the version read in 2 — a turn is two store transactions, load
    and commit. On a concurrent update, reload, plan again with the same rules and write again (the reply is
    kept, not regenerated), a bounded number of times. Only after the commit does the mode keep its KV cache for
@@ -72,14 +74,26 @@ from .sampling import SamplingParams
 from .serialization import blobs_to_state, state_to_blobs
 from .session import DIVERGENCE_POLICIES, HISTORY_STYLES, TurnPlan, plan_turn
 from .tool_calls import ParsedReply, ToolCallFormat, detect_tool_format
-from .turns import GenOptions, OnlineTurns, Prepared, StateOnlyTurns, TurnMode, TurnWork, WindowedTurns
+from .turns import (
+    AuthorsTurns,
+    GenOptions,
+    OnlineTurns,
+    Prepared,
+    StateOnlyTurns,
+    TurnMode,
+    TurnWork,
+    WindowedTurns,
+)
 from .window import HistoryItem
 
-__all__ = ["DEFAULT_SAMPLING", "MODES", "MemoryEngine"]
+__all__ = ["DEFAULT_SAMPLING", "MODES", "PROTOCOLS", "MemoryEngine"]
 
 logger = logging.getLogger(__name__)
 
 MODES = ("online", "windowed", "state-only")
+#: What a chat turn writes: ours (the default: the reply is written afterwards as a message) or the authors'
+#: (the generation header and each generated token are written as they run; ``online`` mode only).
+PROTOCOLS = ("deltamem", "authors")
 _MODE_ALIASES = {"state_only": "state-only", "stateonly": "state-only"}
 
 #: Generation defaults for chat: light sampling with a repetition penalty over the generated tokens. On the
@@ -147,6 +161,12 @@ class MemoryEngine:
             a floating-point tolerance, not bitwise; it pays on a GPU with many concurrent sessions
             (``docs/engine.md``, "Concurrency"). A model whose KV cache cannot be batched decodes alone.
         batch_max_rows: ``batch_decode``: most sessions in one batched step (later ones wait for a row).
+        protocol: what a chat turn writes. ``"deltamem"`` (default): the reply is written after generation as
+            the assistant message, exactly as a resent copy of it would be. ``"authors"`` (an option): the
+            authors' chat/evaluation protocol (declare-lab/delta-Mem's ``generate_reply``): the generation
+            header and every generated token are written as they run, then the reply's closing tokens
+            (``docs/engine.md``, "Two protocols"). ``online`` mode only, not with ``batch_decode``, and with SSW
+            only under ``ssw_semantics="official"``; anything else is an :class:`InvalidOptionError`.
     """
 
     def __init__(
@@ -175,8 +195,18 @@ class MemoryEngine:
         max_retries: int = 3,
         batch_decode: bool = False,
         batch_max_rows: int = 16,
+        protocol: str = "deltamem",
     ) -> None:
         self.default_mode = _check_mode(mode)
+        self.protocol = check_choice("protocol", protocol, PROTOCOLS)
+        if self.protocol == "authors":
+            if self.default_mode != "online":
+                raise InvalidOptionError("protocol", f"protocol='authors' runs in mode 'online' only (it continues "
+                                         f"the session's KV cache as the authors' session does), got mode="
+                                         f"{self.default_mode!r}")
+            if batch_decode is True:
+                raise InvalidOptionError("protocol", "protocol='authors' writes every generated token, and batched "
+                                         "decode steps never write: use batch_decode=False")
         check_int("window_tokens", window_tokens, 0)
         check_int("max_message_tokens", max_message_tokens, 1)
         check_int("max_new_tokens", max_new_tokens, 0)
@@ -207,6 +237,10 @@ class MemoryEngine:
 
         self.model, self._tokenizer, self._model_name = resolve_model(model, adapter, tokenizer, device, dtype)
         self.model.eval()
+        if self.protocol == "authors" and self.model.config.keeps_open_message:
+            raise InvalidOptionError("protocol", "protocol='authors' with an SSW adapter needs ssw_semantics="
+                                     "'official' (their message ids: -1 for system messages and the generation "
+                                     "header, which our SSW semantics cannot express)")
         self.device = next(self.model.base_model.parameters()).device
         self.runner = ModelRunner(self.model, self.device)
         self.renderer = ChatRenderer(self._tokenizer)
@@ -227,10 +261,11 @@ class MemoryEngine:
         self._kv_files = (KVCacheFiles(kv_cache_dir, kv_cache_dir_bytes, self._fingerprints)
                           if kv_cache_dir is not None else None)
         self._kv_pool = KVCachePool(kv_cache_bytes, on_evict=self._save_evicted)
+        online = AuthorsTurns if self.protocol == "authors" else OnlineTurns
         self._modes: dict[str, TurnMode] = {
-            "online": OnlineTurns(self.runner, self.renderer, self.context_window, kv_tokens=self.kv_tokens,
-                                  retain=float(kv_retain), pool=self._kv_pool if kv_cache_bytes else None,
-                                  files=self._kv_files, cache_config=self.model.base_model.config),
+            "online": online(self.runner, self.renderer, self.context_window, kv_tokens=self.kv_tokens,
+                             retain=float(kv_retain), pool=self._kv_pool if kv_cache_bytes else None,
+                             files=self._kv_files, cache_config=self.model.base_model.config),
             "windowed": WindowedTurns(self.runner, self.renderer, self.context_window, window_tokens),
             "state-only": StateOnlyTurns(self.runner, self.renderer, self.context_window, window_tokens),
         }
@@ -423,7 +458,7 @@ class MemoryEngine:
         """Write messages into the session's state without generating (idempotent: see ``docs/engine.md``).
         Options as :meth:`stream`."""
         call = self._call(session_id, namespace, history, on_divergence, expected_version, create_if_missing)
-        mode_ = _check_mode(mode or self.default_mode)
+        mode_ = self._call_mode(mode)
         msgs, counts = self._validate(messages)
         runner = self._modes[mode_]
         with self._session_lock(call.namespace, session_id):
@@ -489,7 +524,7 @@ class MemoryEngine:
         stream is open.
         """
         call = self._call(session_id, namespace, history, on_divergence, expected_version, create_if_missing)
-        mode_ = _check_mode(mode or self.default_mode)
+        mode_ = self._call_mode(mode)
         if max_new_tokens is None:
             max_new_tokens = self.max_new_tokens
         check_max_new_tokens(max_new_tokens, self.context_window)
@@ -546,6 +581,13 @@ class MemoryEngine:
             await asyncio.shield(worker)
 
     # ------------------------------------------------------------------------------------------ internals
+    def _call_mode(self, mode: str | None) -> str:
+        mode_ = _check_mode(mode or self.default_mode)
+        if self.protocol == "authors" and mode_ != "online":
+            raise InvalidOptionError("mode", f"this engine runs protocol='authors', which is defined for mode "
+                                     f"'online' only; got mode={mode_!r}")
+        return mode_
+
     def _ns(self, namespace: str | None) -> str:
         return validate_identifier(namespace, "namespace") if namespace is not None else self.namespace
 
@@ -711,7 +753,8 @@ class MemoryEngine:
                 with contextlib.closing(generate(
                     self.runner, prompt.read_state, prompt.cache, prompt.tail, max_new_tokens=gen.max_new_tokens,
                     params=gen.params, eos_ids=self.eos_ids, stop=gen.stop, tokenizer=self._tokenizer,
-                    cancelled=cancelled, batcher=self._batcher,
+                    cancelled=cancelled, batcher=None if prompt.writes else self._batcher, writes=prompt.writes,
+                    prompt_segments=prompt.segment_ids, reply_segment=prompt.reply_segment,
                 )) as events:
                     for event in events:
                         if event.finish_reason is None:
@@ -725,7 +768,7 @@ class MemoryEngine:
                 parsed = self._parse_reply(final.full_text, gen.tools)
                 reply = self._reply_message(final.full_text, parsed)
                 reply_item = HistoryItem(plan.history[-1].index + 1, reply, len(self.renderer.message_ids(reply)))
-                runner.write_reply(work, prompt, reply_item)
+                runner.write_reply(work, prompt, reply_item, final)
                 info, work = self._commit(runner, work, [*plan.history, reply_item], [*msgs, reply],
                                           [*counts, reply_item.tokens], call)
             except BaseException:  # an error, or the stream closed early (GeneratorExit): nothing is kept

@@ -33,6 +33,7 @@ from ..store.base import SessionData, SessionInfo, TensorBlob, WindowMessage, Wr
 from ..store.digests import extend_history
 from .batching import ModelRunner
 from .errors import ContextLengthError
+from .generation import GenerationEvent
 from .kv_files import KVCacheFiles
 from .kv_pool import HotContext, KVCachePool, state_digest
 from .rendering import ChatRenderer
@@ -41,6 +42,7 @@ from .session import TurnPlan
 from .window import HistoryItem, pinned_system, select_window
 
 __all__ = [
+    "AuthorsTurns",
     "GenOptions",
     "OnlineTurns",
     "Prepared",
@@ -85,6 +87,9 @@ class Prompt:
     tail: list[int]
     prompt_tokens: int
     cached_tokens: int
+    writes: bool = False
+    segment_ids: list[int] | None = None
+    reply_segment: int | None = None
 
 
 @dataclass
@@ -93,7 +98,9 @@ class TurnWork:
 
     ``state`` is the state after what this call has written so far, ``written`` those records. Online mode
     adds the KV ``context`` it extends, how it got it (``kv``: ``"hot"``, ``"disk"``, ``"rebuilt"``,
-    ``"slid"``, ``"new"``) and ``reused`` (tokens of it a previous turn had already run).
+    ``"slid"``, ``"new"``) and ``reused`` (tokens of it a previous turn had already run). The authors' protocol
+    (:class:`AuthorsTurns`) adds ``pending_head`` (a template head not run yet: it is written with the first
+    message) and where the turn started: ``turn_at`` (cache length) and ``turn_head`` (the head this turn ran).
     """
 
     key: tuple[str, str]
@@ -105,6 +112,9 @@ class TurnWork:
     reused: int = 0
     header_at: int = 0
     tools: Any = None
+    pending_head: list[int] = field(default_factory=list)
+    turn_at: int = 0
+    turn_head: list[int] = field(default_factory=list)
 
 
 class TurnMode:
@@ -127,7 +137,9 @@ class TurnMode:
         """Write the plan's new messages (``write()``; and a turn written again after a concurrent update)."""
         raise NotImplementedError
 
-    def write_reply(self, work: TurnWork, prompt: Prompt, reply: HistoryItem) -> None:
+    def write_reply(self, work: TurnWork, prompt: Prompt, reply: HistoryItem,
+                    generated: GenerationEvent | None = None) -> None:
+        """Write the new messages not written yet and the reply (``generated``: the generation's last event)."""
         raise NotImplementedError
 
     def window(self, work: TurnWork, items: Sequence[HistoryItem]) -> list[WindowMessage]:
@@ -195,7 +207,8 @@ class WindowedTurns(TurnMode):
     def write_new(self, work: TurnWork) -> None:
         self._write_alone(work, work.prep.plan.new)
 
-    def write_reply(self, work: TurnWork, prompt: Prompt, reply: HistoryItem) -> None:
+    def write_reply(self, work: TurnWork, prompt: Prompt, reply: HistoryItem,
+                    generated: GenerationEvent | None = None) -> None:
         self._write_alone(work, [*work.prep.plan.new, reply])
 
     def window(self, work: TurnWork, items: Sequence[HistoryItem]) -> list[WindowMessage]:
@@ -315,7 +328,10 @@ class OnlineTurns(TurnMode):
                 break
             kept.pop(len(pinned) if len(kept) > len(pinned) else 0)
         cache = self.runner.new_cache()
-        _, _ = self.runner.forward(work.state, head, cache=cache, writes=False, want_logits=False)
+        if self._defers_head(work, kept):
+            work.pending_head = head
+        else:
+            _, _ = self.runner.forward(work.state, head, cache=cache, writes=False, want_logits=False)
         if work.kv is None:
             work.kv = "rebuilt" if kept else "new"
             self._count("misses" if kept else "new")
@@ -326,6 +342,10 @@ class OnlineTurns(TurnMode):
             len(head) - sum(i.tokens for i in kept), tools_digest(work.tools),
         )
         work.reused = 0
+
+    def _defers_head(self, work: TurnWork, kept: Sequence[HistoryItem]) -> bool:
+        """Whether the template head of a new context waits to be run with the first message (authors' protocol)."""
+        return False
 
     def _count(self, what: str) -> None:
         if self.pool is not None and hasattr(self.pool.stats, what):
@@ -354,7 +374,8 @@ class OnlineTurns(TurnMode):
     def write_new(self, work: TurnWork) -> None:
         self._write_continuing(work, work.prep.plan.new)
 
-    def write_reply(self, work: TurnWork, prompt: Prompt, reply: HistoryItem) -> None:
+    def write_reply(self, work: TurnWork, prompt: Prompt, reply: HistoryItem,
+                    generated: GenerationEvent | None = None) -> None:
         context = work.context
         assert context is not None
         # Drop the generation's tokens (header + generated): the reply is written as a message continuing the
@@ -405,3 +426,144 @@ class OnlineTurns(TurnMode):
             self.pool.discard(key)
         if self.files is not None:
             self.files.delete(key)
+
+
+# ---------------------------------------------------------------------------------------------- authors' protocol
+class AuthorsTurns(OnlineTurns):
+    """``online`` under the authors' chat protocol (``MemoryEngine(protocol="authors")``; an option, off by
+    default): what declare-lab/delta-Mem's ``DeltaMemChatSession.generate_reply`` writes, so that their published
+    numbers can be reproduced with this engine (``docs/engine.md``, "Two protocols").
+
+    Per turn, continuing the session's KV cache as :class:`OnlineTurns` does:
+
+    1. The new messages **and the generation header** run in one call with writes (their ``_ingest_full_ids``
+       of the render with ``add_generation_prompt=True``). SSW ids as their runtime gives them: a system
+       message and the header ``-1`` (never written under ``ssw_semantics="official"``), any other message its
+       history index. A new session's template head (SmolLM2's default system prompt) is written with the first
+       message, as part of its render.
+    2. Each generated token but EOS is run with writes (id: the reply's index), the last one included
+       (:func:`~.generation.generate` with ``writes=True``).
+    3. The reply's render as a message (:meth:`ChatRenderer.message_ids`, which starts with the generation
+       header for ChatML) is compared with what the cache ran since the header: when the header and the
+       generated tokens are a prefix of it, only the rest (``<|im_end|>`` and a newline) runs, with writes.
+       Otherwise (the decoded text does not re-tokenize to the generated tokens, a stop string cut it, the
+       template renders the reply otherwise), their session resets the state and the cache and writes the
+       whole conversation from zero in one call: so does this one when the call holds the whole conversation
+       (history indices 0…n, as before any slide). When older messages have left the window (the authors'
+       session has none), the state and cache go back to the start of this turn instead and the turn's
+       messages and reply are written in one call.
+
+    Messages are rendered one by one (:meth:`ChatRenderer.message_ids`), which equals the authors' render of
+    the whole conversation for templates whose render of a message does not depend on later messages (ChatML,
+    Llama 3…). The written record is the default protocol's (the reply is recorded as the assistant message
+    with the returned text), so a client resending it writes nothing twice.
+    """
+
+    name = "online"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: turns whose reply did not continue what the cache ran (step 3's reset or re-ingest)
+        self.resets = 0
+
+    @staticmethod
+    def _segment(item: HistoryItem | None) -> int:
+        """The authors' SSW message id of a message: ``-1`` (never written) for a system message."""
+        return -1 if item is None or item.message.role == "system" else item.index
+
+    def _defers_head(self, work: TurnWork, kept: Sequence[HistoryItem]) -> bool:
+        # Nothing written yet: the head is part of the first message's render, written with it.
+        return not kept and work.prep.plan.base_written == 0
+
+    def _ingest(self, head: list[int], items: Sequence[HistoryItem], *,
+                generation: bool) -> tuple[list[int], list[int]]:
+        """Token ids ``(T,)`` of ``head``, ``items`` and (``generation``) the header, and their SSW ids ``(T,)``."""
+        ids: list[int] = list(head)
+        segs = [self._segment(items[0] if items else None)] * len(ids)
+        for item in items:
+            message = self.renderer.message_ids(item.message)
+            ids += message
+            segs += [self._segment(item)] * len(message)
+        if generation:
+            header = list(self.renderer.generation_header_ids)
+            ids += header
+            segs += [-1] * len(header)
+        return ids, segs
+
+    def _mark(self, work: TurnWork, items: Sequence[HistoryItem], *, record: bool = True) -> None:
+        """``items`` are in the cache (and, with ``record``, written by this call)."""
+        context = work.context
+        assert context is not None
+        for item in items:
+            context.indices += (item.index,)
+            context.digests += (item.message.digest,)
+            if record:
+                work.written.append(self._record(item, len(self.renderer.message_ids(item.message))))
+
+    def prompt(self, work: TurnWork, gen: GenOptions) -> Prompt:
+        assert work.context is not None
+        plan = work.prep.plan
+        work.turn_at = cache_length(work.context.cache)
+        work.turn_head, work.pending_head = work.pending_head, []
+        ids, segs = self._ingest(work.turn_head, plan.new, generation=True)
+        self._mark(work, plan.new)
+        work.header_at = work.turn_at + len(ids) - len(self.renderer.generation_header_ids)
+        # generation runs ``ids`` with writes, then each token; its last event carries the state (write_reply)
+        return Prompt(work.context.cache, work.state, ids, work.turn_at + len(ids), work.reused, writes=True,
+                      segment_ids=segs, reply_segment=plan.history[-1].index + 1)
+
+    def write_new(self, work: TurnWork) -> None:
+        # their ingest of the render without the generation prompt: one call
+        assert work.context is not None
+        ids, segs = self._ingest(work.pending_head, work.prep.plan.new, generation=False)
+        work.pending_head = []
+        _, work.state = self.runner.forward(work.state, ids, cache=work.context.cache, writes=True,
+                                            segment_id=segs, want_logits=False)
+        self._mark(work, work.prep.plan.new)
+
+    def write_reply(self, work: TurnWork, prompt: Prompt, reply: HistoryItem,
+                    generated: GenerationEvent | None = None) -> None:
+        context = work.context
+        assert context is not None and generated is not None and generated.state is not None
+        work.state = generated.state
+        rendered = self.renderer.message_ids(reply.message)
+        ran = list(self.renderer.generation_header_ids) + generated.ran
+        rest = rendered[len(ran) :]
+        if rendered[: len(ran)] == ran and cache_length(context.cache) + len(rest) <= self.context_window:
+            # what the cache ran is a prefix of the render: only the closing tokens remain
+            _, work.state = self.runner.forward(work.state, rest, cache=context.cache, writes=True,
+                                                segment_id=self._segment(reply), want_logits=False)
+            self._mark(work, [reply])
+            return
+        self.resets += 1
+        self._reingest(work, reply)
+
+    def _reingest(self, work: TurnWork, reply: HistoryItem) -> None:
+        """Their reset: zero state, fresh cache, the whole conversation and the reply written in one call; or,
+        when this call does not hold the whole conversation (or it does not fit the KV budget), the same from
+        the start of this turn."""
+        plan = work.prep.plan
+        items = [*plan.history, reply]
+        head = self.renderer.continuation_ids([], [items[0].message], tools=work.tools)
+        whole = [i.index for i in items] == list(range(len(items)))
+        if whole and len(head) + sum(len(self.renderer.message_ids(i.message)) for i in items) <= self.kv_tokens:
+            ids, segs = self._ingest(head, items, generation=False)
+            cache = self.runner.new_cache()
+            _, work.state = self.runner.forward(self.runner.model.new_state(1), ids, cache=cache, writes=True,
+                                                segment_id=segs, want_logits=False)
+            work.context = HotContext(cache, -1, "", (), (), len(head), tools_digest(work.tools))
+            self._mark(work, items[:-1], record=False)  # the new messages' records were made by prompt()
+            self._mark(work, [reply])
+            return
+        context = work.context
+        assert context is not None
+        extra = cache_length(context.cache) - work.turn_at  # back to the start of the turn
+        if extra > 0:
+            context.cache.crop(-extra)
+        held = len(context.indices) - len(plan.new)
+        context.indices, context.digests = context.indices[:held], context.digests[:held]
+        ids, segs = self._ingest(work.turn_head, [*plan.new, reply], generation=False)
+        _, work.state = self.runner.forward(work.prep.state, ids, cache=context.cache, writes=True,
+                                            segment_id=segs, want_logits=False)
+        self._mark(work, plan.new, record=False)
+        self._mark(work, [reply])

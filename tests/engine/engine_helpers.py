@@ -14,9 +14,9 @@ def randomize(dm, seed: int = 1, scale: float = 1.0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * scale * (0.3 if p.dim() == 2 else 1.0))
 
 
-def make_tiny_dm(write_mode: str = "tsw", seed: int = 0, layers: int = 2, arch: str = "llama"):
+def make_tiny_dm(write_mode: str = "tsw", seed: int = 0, layers: int = 2, arch: str = "llama", **config):
     """A random Llama (or ``arch="qwen3"``) (2 layers by default) (vocab 49,152: the embedded tokenizer's) with a
-    randomised δ-mem adapter that visibly moves the logits."""
+    randomised δ-mem adapter that visibly moves the logits (``config``: more :class:`DeltaMemConfig` fields)."""
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
     from deltamem_agents.adapter import DeltaMemConfig, attach
@@ -31,7 +31,7 @@ def make_tiny_dm(write_mode: str = "tsw", seed: int = 0, layers: int = 2, arch: 
     else:
         raise ValueError(arch)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
-    dm = attach(model, DeltaMemConfig(write_mode=write_mode))
+    dm = attach(model, DeltaMemConfig(write_mode=write_mode, **config))
     randomize(dm, seed=seed + 1)
     return dm
 

@@ -1,0 +1,235 @@
+"""``MemoryEngine(protocol="authors")``: the authors' chat protocol as an engine option (issue 12).
+
+The reference is a plain loop written here from the authors' description of their chat session
+(declare-lab/delta-Mem ``DeltaMemChatSession.generate_reply``), independent of the engine's code: per turn the
+whole conversation is rendered with the generation prompt, the tokens after the longest common prefix with what
+the KV cache already ran go through the model in one call **with writes** (a reset — zero state, empty cache —
+when what was run is not a prefix of the render); each generated token but EOS is run with writes; then the
+conversation with the reply is rendered without the generation prompt and ingested the same way. SSW message
+ids as their runtime numbers them: system messages and the generation prompt −1, the other messages 0, 1, 2…
+in order (the engine uses history indices: under their semantics only the order and −1 matter).
+
+What is asserted: greedy texts equal, committed states equal within 1e-5 (fp32; the same tokens in the same
+calls, but the engine runs its own code path, so bitwise equality is not claimed), for TSW and for SSW under
+``ssw_semantics="official"``, through both of the authors' branches (continuing, and reset + re-ingest); the
+default protocol commits a different state; resending the history writes nothing; the option is refused where
+it is not defined.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_helpers import make_tiny_dm
+
+from deltamem_agents.engine import InvalidOptionError, MemoryEngine, SamplingParams
+from deltamem_agents.models.kv_cache import forward_with_cache, new_cache
+from deltamem_agents.store.memory import InMemorySessionStore
+
+ATOL = 1e-5  # fp32 states of the same writes: observed differences are at rounding level
+
+
+@pytest.fixture(scope="module")
+def tsw_dm():
+    return make_tiny_dm(layers=4, seed=3)
+
+
+@pytest.fixture(scope="module")
+def ssw_dm():
+    return make_tiny_dm("ssw", layers=4, seed=3, ssw_semantics="official")
+
+
+class AuthorsSession:
+    """The authors' chat session, re-stated as a plain loop (greedy; optional stop strings, see below)."""
+
+    def __init__(self, dm, tokenizer):
+        self.dm, self.tok = dm, tokenizer
+        self.messages: list[dict] = []
+        self.processed: list[int] = []
+        self.cache = None
+        self.state = dm.new_state(1)
+        self.resets = 0
+
+    def _render(self, messages, generation):
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])
+
+    def _message_ids(self, full):
+        """Per-token message ids of ``full`` (a render of ``self.messages``, with or without the generation
+        prompt): each message's tokens are what its render adds to the previous render."""
+        ids: list[int] = []
+        seg: list[int] = []
+        number = 0
+        for i, m in enumerate(self.messages):
+            now = self._render(self.messages[: i + 1], False)
+            assert now[: len(ids)] == ids  # ChatML renders are prefix-stable
+            own = -1 if m["role"] == "system" else number
+            number += m["role"] != "system"
+            seg += [own] * (len(now) - len(ids))
+            ids = now
+        assert full[: len(ids)] == ids
+        return seg + [-1] * (len(full) - len(ids))  # the generation prompt
+
+    @torch.no_grad()
+    def _run(self, ids, seg):
+        self.dm.set_state(self.state)
+        kwargs = {"segment_ids": torch.tensor([seg])} if self.dm.config.write_mode == "ssw" else {}
+        out = forward_with_cache(self.dm, self.cache, torch.tensor([ids]), **kwargs)
+        self.state = self.dm.state
+        return out.logits[0, -1]
+
+    def _ingest(self, full):
+        common = 0
+        while common < min(len(full), len(self.processed)) and full[common] == self.processed[common]:
+            common += 1
+        if common < len(self.processed):  # what was run is not a prefix of the render: start again
+            self.resets += 1
+            self.state, self.cache, self.processed, common = self.dm.new_state(1), None, [], 0
+        if self.cache is None:
+            self.cache = new_cache(self.dm.base_model.config)
+        seg = self._message_ids(full)
+        logits = self._run(full[common:], seg[common:]) if len(full) > common else None
+        self.processed = list(full)
+        return logits
+
+    def turn(self, user: str, max_new_tokens: int, stop: str | None = None) -> str:
+        self.messages.append({"role": "user", "content": user})
+        logits = self._ingest(self._render(self.messages, True))
+        reply_id = sum(m["role"] != "system" for m in self.messages)
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            token = int(logits.argmax())
+            if token == self.tok.eos_token_id:
+                break
+            generated.append(token)
+            logits = self._run([token], [reply_id])
+            # Not in their loop (they take no stop strings): end at a stop string, cutting the text before it
+            if stop is not None and stop in self.tok.decode(generated, skip_special_tokens=True):
+                break
+        self.processed += generated
+        text = self.tok.decode(generated, skip_special_tokens=True)
+        if stop is not None and stop in text:
+            text = text[: text.index(stop)]
+        self.messages.append({"role": "assistant", "content": text})
+        self._ingest(self._render(self.messages, False))
+        return text
+
+
+def _engine(dm, tokenizer, **kwargs):
+    kwargs.setdefault("protocol", "authors")
+    return MemoryEngine((dm, tokenizer), store=InMemorySessionStore(), mode="online",
+                        sampling=SamplingParams(temperature=0.0), **kwargs)
+
+
+def _chat(engine, sid, questions, max_new_tokens, stop=None, history="full"):
+    msgs, texts = [], []
+    for q in questions:
+        msgs.append({"role": "user", "content": q})
+        r = engine.chat(sid, msgs if history == "full" else msgs[-1:], max_new_tokens=max_new_tokens, stop=stop,
+                        history=history)
+        texts.append(r.text)
+        msgs.append({"role": "assistant", "content": r.text})
+    return msgs, texts
+
+
+QUESTIONS = ["My name is Ada and I live in Lisbon.", "What is my name?", "Where do I live?"]
+
+
+def _max_diff(a, b):
+    return max(float((x - y).abs().max()) for x, y in zip(a.memory, b.memory, strict=True))
+
+
+@pytest.mark.parametrize("write", ["tsw", "ssw-official"])
+def test_engine_equals_the_authors_loop(write, tsw_dm, ssw_dm, tokenizer):
+    dm = tsw_dm if write == "tsw" else ssw_dm
+    ref = AuthorsSession(dm, tokenizer)
+    expected = [ref.turn(q, 6) for q in QUESTIONS]
+    engine = _engine(dm, tokenizer)
+    msgs, texts = _chat(engine, "s", QUESTIONS, 6)
+    assert texts == expected
+    assert msgs == ref.messages
+    state = engine.session_state("s")
+    assert _max_diff(state, ref.state) <= ATOL
+    assert float(state.memory[0].abs().max()) > 0.1  # the state holds real writes
+    # the same turns took the reset branch (SSW: one of these; the next test forces it)
+    assert engine._modes["online"].resets == ref.resets
+    # an append-style client gets the same turns and state (the engine holds the conversation's text)
+    engine2 = _engine(dm, tokenizer)
+    _, texts2 = _chat(engine2, "a", QUESTIONS, 6, history="append")
+    assert texts2 == texts and _max_diff(engine2.session_state("a"), state) <= ATOL
+
+
+@pytest.mark.parametrize("write", ["tsw", "ssw-official"])
+def test_reset_branch_when_the_reply_does_not_continue_what_ran(write, tsw_dm, ssw_dm, tokenizer):
+    """A stop string cuts the text, so the reply's render does not continue the generated tokens: the authors'
+    session resets the state and the cache and writes the whole conversation again in one call."""
+    dm = tsw_dm if write == "tsw" else ssw_dm
+    probe = AuthorsSession(dm, tokenizer)
+    first = probe.turn(QUESTIONS[0], 6)
+    middle = len(first) // 2
+    stop = first[middle : middle + 3]  # inside the first reply: the turn ends early, its text cut
+    assert stop.strip()
+    ref = AuthorsSession(dm, tokenizer)
+    expected = [ref.turn(q, 6, stop=stop) for q in QUESTIONS[:2]]
+    assert ref.resets >= 1
+    engine = _engine(dm, tokenizer)
+    _, texts = _chat(engine, "s", QUESTIONS[:2], 6, stop=stop)
+    assert texts == expected
+    assert engine._modes["online"].resets == ref.resets
+    assert _max_diff(engine.session_state("s"), ref.state) <= ATOL
+
+
+def test_default_protocol_commits_another_state(tsw_dm, tokenizer):
+    authors = _engine(tsw_dm, tokenizer)
+    msgs, _ = _chat(authors, "s", QUESTIONS[:2], 6)
+    ours = _engine(tsw_dm, tokenizer, protocol="deltamem")
+    ours.write("s", msgs)  # the same conversation, written our way (≡ chat() of it)
+    assert _max_diff(ours.session_state("s"), authors.session_state("s")) > 1e-2
+
+
+def test_resending_the_history_writes_nothing(tsw_dm, tokenizer):
+    engine = _engine(tsw_dm, tokenizer)
+    msgs, _ = _chat(engine, "s", QUESTIONS[:2], 6)
+    before = engine.session_state("s")
+    w = engine.write("s", msgs)
+    assert w.written_messages == 0
+    assert engine.session_state("s").equal(before)  # nothing ran: the stored state, untouched
+    r = engine.chat("s", msgs + [{"role": "user", "content": "And now?"}], max_new_tokens=3)
+    assert r.written_messages == 2 and r.kv_cache == "hot" and not r.replayed
+
+
+def test_write_then_chat_is_the_authors_ingest(tsw_dm, tokenizer):
+    """``write()`` of a history is their ingest of its render without the generation prompt, in one call."""
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "I like green tea."},
+               {"role": "assistant", "content": "Noted."}]
+    engine = _engine(tsw_dm, tokenizer)
+    engine.write("s", history)
+    ref = AuthorsSession(tsw_dm, tokenizer)
+    ref.messages = list(history)
+    ref._ingest(ref._render(ref.messages, False))
+    assert _max_diff(engine.session_state("s"), ref.state) <= ATOL
+    text = ref.turn("What do I like?", 5)
+    r = engine.chat("s", [*history, {"role": "user", "content": "What do I like?"}], max_new_tokens=5)
+    assert r.text == text and _max_diff(engine.session_state("s"), ref.state) <= ATOL
+
+
+def test_refused_where_it_is_not_defined(tsw_dm, tokenizer):
+    store = InMemorySessionStore()
+    for kwargs in ({"mode": "windowed"}, {"mode": "state-only"}, {"batch_decode": True}):
+        with pytest.raises(InvalidOptionError) as err:
+            MemoryEngine((tsw_dm, tokenizer), store=store, protocol="authors", **kwargs)
+        assert err.value.option == "protocol"
+    with pytest.raises(InvalidOptionError) as err:
+        MemoryEngine((tsw_dm, tokenizer), store=store, protocol="theirs")
+    assert err.value.option == "protocol"
+    with pytest.raises(InvalidOptionError) as err:  # SSW under our semantics has no id for "never written"
+        MemoryEngine((make_tiny_dm("ssw", layers=1), tokenizer), store=store, protocol="authors")
+    assert err.value.option == "protocol"
+    engine = _engine(tsw_dm, tokenizer)
+    for mode in ("windowed", "state-only"):
+        with pytest.raises(InvalidOptionError) as err:
+            engine.chat("s", [{"role": "user", "content": "hi"}], mode=mode)
+        assert err.value.option == "mode"
+        with pytest.raises(InvalidOptionError):
+            engine.write("s", [{"role": "user", "content": "hi"}], mode=mode)
+    assert engine.list_sessions() == []  # refused before anything was created
