@@ -401,6 +401,8 @@ def test_chat_errors_are_one_line_before_the_model_loads(tmp_path):
                     "empty user message")
     _one_error_line(_deltamem("chat", "--session", "s", "--message", "hi", "--temperature", "nan", "--store", db,
                               env=NO_MODEL), 2, "temperature")
+    _one_error_line(_deltamem("chat", "--session", "s", "--message", "hi", "--protocol", "authors", "--mode",
+                              "windowed", "--store", db, env=NO_MODEL), 2, "--protocol authors runs in --mode online")
     _one_error_line(_deltamem("chat", "--session", "s", "--message", "hi", "--store", "mysql://u@h/db",
                               env=NO_MODEL), 2, "unsupported database")
     notadb = tmp_path / "notadb.db"

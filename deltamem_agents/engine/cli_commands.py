@@ -243,6 +243,10 @@ def _check_chat(args: argparse.Namespace) -> None:
         normalize_message({"role": "system", "content": args.system})
     check_int("max_new_tokens", args.max_new_tokens, 0)
     check_int("window_tokens", args.window_tokens, 0)
+    if args.protocol == "authors" and args.mode != "online":
+        from .errors import InvalidOptionError
+
+        raise InvalidOptionError("protocol", f"--protocol authors runs in --mode online only, got --mode {args.mode}")
     if args.kv_tokens is not None:
         check_int("kv_tokens", args.kv_tokens, 64)
     finite("temperature", args.temperature, low=0, low_open=False)
@@ -274,7 +278,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         try:
             with _no_progress_bars(thinking.active):  # the spinner stands for them
                 engine = _engine(args, mode=args.mode, window_tokens=args.window_tokens,
-                                 kv_tokens=args.kv_tokens, kv_cache_dir=_kv_cache_dir(args))
+                                 kv_tokens=args.kv_tokens, kv_cache_dir=_kv_cache_dir(args), protocol=args.protocol)
         finally:
             thinking.stop()
         if args.verbose:
@@ -389,6 +393,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     chat.add_argument("--message", default=None, help="send one message, print the answer and exit")
     chat.add_argument("--system", default=None, help="write a system message into the session first")
     chat.add_argument("--mode", default="online", choices=("online", "windowed", "state-only"), help=MODE_HELP)
+    chat.add_argument("--protocol", default="deltamem", choices=("deltamem", "authors"),
+                      help="what a turn writes (default: %(default)s): deltamem writes the reply after it is "
+                      "generated, as the message it returns; authors (online mode only) reproduces the authors' "
+                      "chat protocol: the generation header and every generated token are written as they run")
     chat.add_argument("--window-tokens", type=int, default=1024,
                       help="windowed mode: tokens of the most recent text kept in the prompt")
     chat.add_argument("--kv-tokens", type=int, default=None,

@@ -56,7 +56,7 @@ def build_engine(settings: ServerSettings) -> Any:
         window_tokens=settings.window_tokens, kv_tokens=settings.kv_tokens, kv_cache_bytes=settings.kv_cache_bytes,
         kv_cache_dir=settings.kv_cache_dir, max_message_tokens=settings.max_message_tokens,
         max_new_tokens=settings.max_new_tokens, namespace=settings.namespace,
-        batch_decode=settings.batch_decode, batch_max_rows=settings.batch_max_rows,
+        batch_decode=settings.batch_decode, batch_max_rows=settings.batch_max_rows, protocol=settings.protocol,
         on_divergence=settings.on_divergence, max_messages_per_call=settings.max_messages_per_call,
     )  # fmt: skip
 

@@ -26,6 +26,9 @@ _SERVE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--model", "model", str, "HF dir, GGUF file or hub id (default: the embedded model)"),
     ("--adapter", "adapter", str, "adapter directory, or 'none' (default: the shipped adapter)"),
     ("--mode", "mode", str, "online (default), windowed or state-only: what the model sees of earlier turns"),
+    ("--protocol", "protocol", str, "deltamem (default: the reply is written after generation, as the message it "
+     "returns) or authors (online mode, no --batch-decode: the authors' chat protocol, which writes the generation "
+     "header and every generated token as they run)"),
     ("--window-tokens", "window_tokens", int, "windowed mode: tokens of recent text kept (default 1024)"),
     ("--kv-tokens", "kv_tokens", int, "online mode: KV budget per session (default: the context window)"),
     ("--kv-cache-bytes", "kv_cache_bytes", int, "bytes of hot KV caches kept in memory (default 2 GiB)"),

@@ -32,6 +32,8 @@ class ServerSettings(BaseSettings):
             shipped adapter).
         mode, window_tokens, kv_tokens, kv_cache_bytes, kv_cache_dir, max_message_tokens, max_new_tokens: the
             engine's options (``max_new_tokens`` is the default answer length when a request names none).
+        protocol: the engine's ``protocol``: ``"deltamem"`` (default) or ``"authors"`` (the authors' chat
+            protocol, an option; ``mode="online"`` only and not with ``batch_decode``).
         threads: torch CPU threads (``None``: half the CPUs, 1-4, as every ``deltamem`` command).
         namespace: the namespace of local single-user mode (no API keys); keys carry their own.
         max_queue: requests admitted to the model at once, running plus waiting; one more gets 503.
@@ -62,6 +64,7 @@ class ServerSettings(BaseSettings):
     model: str | None = None
     adapter: str | None = None
     mode: Literal["online", "windowed", "state-only"] = "online"
+    protocol: Literal["deltamem", "authors"] = "deltamem"
     threads: int | None = Field(None, ge=0)
     namespace: str = "default"
     window_tokens: int = Field(1024, ge=0)
@@ -111,6 +114,8 @@ class ServerSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> ServerSettings:
+        if self.protocol == "authors" and (self.mode != "online" or self.batch_decode):
+            raise ValueError("protocol 'authors' runs in mode 'online' only, without batch_decode")
         if self.max_concurrency is None:
             # with batching, the requests running in the engine at once are the batch: let it fill
             wanted = self.batch_max_rows if self.batch_decode else DEFAULT_CONCURRENCY

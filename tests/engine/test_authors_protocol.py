@@ -233,3 +233,29 @@ def test_refused_where_it_is_not_defined(tsw_dm, tokenizer):
         with pytest.raises(InvalidOptionError):
             engine.write("s", [{"role": "user", "content": "hi"}], mode=mode)
     assert engine.list_sessions() == []  # refused before anything was created
+
+
+def test_server_setting_and_flag(monkeypatch):
+    pytest.importorskip("pydantic_settings")
+    from pydantic import ValidationError
+
+    from deltamem_agents.cli import build_parser
+    from deltamem_agents.server import ServerSettings, app
+    from deltamem_agents.server.cli_commands import settings_from_args
+
+    assert ServerSettings().protocol == "deltamem"
+    argv = ["serve", "--protocol", "authors"]
+    assert settings_from_args(build_parser(argv).parse_args(argv)).protocol == "authors"
+    for bad in ({"protocol": "theirs"}, {"protocol": "authors", "mode": "windowed"},
+                {"protocol": "authors", "batch_decode": True}):
+        with pytest.raises(ValidationError):
+            ServerSettings(**bad)
+    seen = {}
+
+    class Recording:
+        def __init__(self, model, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr("deltamem_agents.engine.MemoryEngine", Recording)
+    app.build_engine(ServerSettings(protocol="authors"))
+    assert seen["protocol"] == "authors"
