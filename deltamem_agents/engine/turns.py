@@ -16,6 +16,8 @@ cancelled calls ``abandon`` instead of ``committed``). The modes:
   the current turn; each message is written **on its own** (no text context), so the state is a pure fold over
   the messages.
 * :class:`StateOnlyTurns` (``state-only``): as windowed, with only the current turn as text.
+* :class:`AuthorsTurns` (``online`` under ``MemoryEngine(protocol="authors")``, an option): the authors' chat
+  protocol, which also writes the generation header and each generated token as they run.
 """
 
 from __future__ import annotations
