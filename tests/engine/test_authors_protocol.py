@@ -259,3 +259,33 @@ def test_server_setting_and_flag(monkeypatch):
     monkeypatch.setattr("deltamem_agents.engine.MemoryEngine", Recording)
     app.build_engine(ServerSettings(protocol="authors"))
     assert seen["protocol"] == "authors"
+
+
+@torch.no_grad()
+def test_after_a_slide_the_reset_rewrites_the_turn_from_its_start(tsw_dm, tokenizer):
+    """Older messages have left the KV window and the call (an append-style client) does not hold their text: the
+    authors' reset (rewrite everything from zero) is impossible, so the turn goes back to its start and writes its
+    messages and reply in one call, continuing the re-prefilled window."""
+    engine = _engine(tsw_dm, tokenizer, kv_tokens=64)
+    texts = []
+    for i in range(3):
+        r = engine.chat("s", [{"role": "user", "content": f"Fact {i}: blue."}], max_new_tokens=6, history="append")
+        texts.append(r.text)
+    assert r.kv_cache == "slid" and engine._modes["online"].resets == 2  # the reply did not continue what ran
+    assert [w.index for w in engine.store.load("s").window] == [2, 3, 4, 5]
+    # reference: the state before the turn; the kept window re-prefilled with writes off; then one call, written
+    kept = [{"role": "user", "content": "Fact 1: blue."}, {"role": "assistant", "content": texts[1]}]
+    turn = [{"role": "user", "content": "Fact 2: blue."}, {"role": "assistant", "content": texts[2]}]
+
+    def render(messages):
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    head, full = render(kept), render(kept + turn)
+    assert full[: len(head)] == head
+    cache = new_cache(tsw_dm.base_model.config)
+    tsw_dm.set_state(engine.session_state("s", turn=2))
+    with tsw_dm.writes_disabled():
+        forward_with_cache(tsw_dm, cache, torch.tensor([head]))
+    forward_with_cache(tsw_dm, cache, torch.tensor([full[len(head) :]]))
+    assert _max_diff(engine.session_state("s"), tsw_dm.state) <= ATOL
