@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..adapter import DeltaMemState
-from ..models.kv_cache import cache_length
+from ..models.kv_cache import CacheMark, cache_length, cache_mark, cache_rewind
 from ..store.base import SessionData, SessionInfo, TensorBlob, WindowMessage, WrittenMessage
 from ..store.digests import extend_history
 from .batching import ModelRunner
@@ -104,6 +104,7 @@ class TurnWork:
     kv: str | None = None
     reused: int = 0
     header_at: int = 0
+    mark: CacheMark | None = None
     tools: Any = None
 
 
@@ -348,6 +349,7 @@ class OnlineTurns(TurnMode):
         self._write_continuing(work, work.prep.plan.new)
         assert work.context is not None
         work.header_at = cache_length(work.context.cache)
+        work.mark = cache_mark(work.context.cache)
         header = list(self.renderer.generation_header_ids)
         return Prompt(work.context.cache, work.state, header, work.header_at + len(header), work.reused)
 
@@ -359,9 +361,9 @@ class OnlineTurns(TurnMode):
         assert context is not None
         # Drop the generation's tokens (header + generated): the reply is written as a message continuing the
         # conversation, exactly as a resent copy of it would be.
-        extra = cache_length(context.cache) - work.header_at
-        if extra > 0:
-            context.cache.crop(-extra)  # negative = tokens to remove, in transformers 4.x and 5.x alike
+        assert work.mark is not None and work.mark.length == work.header_at
+        cache_rewind(context.cache, work.mark)
+        work.mark = None
         if cache_length(context.cache) + reply.tokens > self.context_window:
             # Only when a reply outgrew the reserve: slide now so the reply fits.
             self._count("slides")
