@@ -25,6 +25,9 @@ _SERVE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--store", "store", str, "session store URL, also where API keys live (default: SQLite in the cache dir)"),
     ("--model", "model", str, "HF dir, GGUF file or hub id (default: the embedded model)"),
     ("--adapter", "adapter", str, "adapter directory, or 'none' (default: the shipped adapter)"),
+    ("--device", "device", str, "cpu, cuda, cuda:1, … (default: CUDA when present, else the CPU)"),
+    ("--dtype", "dtype", str, "the base model's precision: float32, bfloat16, float16 or auto (default: bfloat16 "
+     "on CUDA, float32 on the CPU); the adapter and the state stay float32"),
     ("--mode", "mode", str, "online (default), windowed or state-only: what the model sees of earlier turns"),
     ("--window-tokens", "window_tokens", int, "windowed mode: tokens of recent text kept (default 1024)"),
     ("--kv-tokens", "kv_tokens", int, "online mode: KV budget per session (default: the context window)"),
