@@ -25,12 +25,17 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF dir, GGUF file or hub id (default: the embedded model)")
     p.add_argument("--adapter", default=None, help="adapter directory, or 'none' (a fresh, untrained adapter) "
                    "(default: the shipped adapter; a fresh one when none is installed)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, … (default: CUDA when present, else the CPU)")
+    p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"),
+                   help="the base model's precision (default: bfloat16 on CUDA, float32 on the CPU); the adapter "
+                   "and the state stay float32")
 
 
 def _engine(args: argparse.Namespace, **kwargs: Any):
     from .engine import MemoryEngine
 
-    return MemoryEngine(args.model, adapter=args.adapter, store=args.store, namespace=args.namespace, **kwargs)
+    return MemoryEngine(args.model, adapter=args.adapter, store=args.store, namespace=args.namespace,
+                        device=getattr(args, "device", None), dtype=getattr(args, "dtype", None), **kwargs)
 
 
 def _open_store(args: argparse.Namespace):

@@ -3,7 +3,7 @@
 Who does what:
 
 * The **session's thread** (inside :func:`~.generation.generate`) runs its prefill alone, picks its first token,
-  then hands its KV cache, state and :class:`~.generation.TokenDecoder` to :meth:`DecodeBatcher.decode` and
+  then hands its KV cache, state and :class:`~.token_decoder.TokenDecoder` to :meth:`DecodeBatcher.decode` and
   reads its events from a queue.
 * The **decode thread** (one per batcher, started when the first session arrives, gone when none is left) owns
   a :class:`~.decode_group.DecodeGroup`. Each round it drops sessions that left, merges newly arrived ones, runs
@@ -33,7 +33,7 @@ from .decode_group import DecodeGroup, GroupRow, cache_layout
 
 if TYPE_CHECKING:
     from .batching import ModelRunner
-    from .generation import GenerationEvent, TokenDecoder
+    from .token_decoder import GenerationEvent, TokenDecoder
 
 __all__ = ["BatchStats", "DecodeBatcher"]
 

@@ -59,14 +59,31 @@ class GroupRow:
     owner: Any = None
 
 
+def _filled(layer: Any) -> bool:
+    """Whether a cache layer holds tensors (transformers < 4.57 has no ``is_initialized``: keys are ``None``
+    until the first update there)."""
+    keys = getattr(layer, "keys", None)
+    return keys is not None and bool(getattr(layer, "is_initialized", True))
+
+
+def _initialise(layer: Any, keys: Tensor, values: Tensor) -> None:
+    """``lazy_initialization`` takes ``(keys, values)`` from transformers 4.57 on and ``(keys,)`` before."""
+    import inspect
+
+    if len(inspect.signature(layer.lazy_initialization).parameters) >= 2:
+        layer.lazy_initialization(keys, values)
+    else:
+        layer.lazy_initialization(keys)
+
+
 def _layer_kind(layer: Any) -> str | None:
     """``"full"``, ``"sliding"``, or ``None`` for a layer this module cannot merge (quantised, offloaded,
     linear-attention, recording its past, or not yet filled)."""
     from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-    if not getattr(layer, "is_initialized", False) or getattr(layer, "keys", None) is None:
+    if not _filled(layer):
         return None
-    if type(layer) is DynamicSlidingWindowLayer and not layer.record_past:
+    if type(layer) is DynamicSlidingWindowLayer and not getattr(layer, "record_past", False):
         return "sliding"
     if type(layer) is DynamicLayer:
         return "full"
@@ -173,8 +190,8 @@ class DecodeGroup:
                 values[b : b + rows, :, target - v.shape[2] :] = v
                 b += rows
             layer = merged.layers[li]
-            if not layer.is_initialized:
-                layer.lazy_initialization(keys, values)
+            if not _filled(layer):
+                _initialise(layer, keys, values)
             layer.keys, layer.values = keys, values
             if kind == "sliding":
                 layer.cumulative_length = width

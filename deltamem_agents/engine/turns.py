@@ -30,17 +30,17 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..adapter import DeltaMemState
-from ..models.kv_cache import cache_length
+from ..models.kv_cache import CacheMark, cache_length, cache_mark, cache_rewind
 from ..store.base import SessionData, SessionInfo, TensorBlob, WindowMessage, WrittenMessage
 from ..store.digests import extend_history
 from .batching import ModelRunner
 from .errors import ContextLengthError
-from .generation import GenerationEvent
 from .kv_files import KVCacheFiles
 from .kv_pool import HotContext, KVCachePool, state_digest
 from .rendering import ChatRenderer
 from .sampling import SamplingParams
 from .session import TurnPlan
+from .token_decoder import GenerationEvent
 from .window import HistoryItem, pinned_system, select_window
 
 __all__ = [
@@ -113,6 +113,7 @@ class TurnWork:
     kv: str | None = None
     reused: int = 0
     header_at: int = 0
+    mark: CacheMark | None = None
     tools: Any = None
     pending_head: list[int] = field(default_factory=list)
     turn_at: int = 0
@@ -370,6 +371,7 @@ class OnlineTurns(TurnMode):
         self._write_continuing(work, work.prep.plan.new)
         assert work.context is not None
         work.header_at = cache_length(work.context.cache)
+        work.mark = cache_mark(work.context.cache)
         header = list(self.renderer.generation_header_ids)
         return Prompt(work.context.cache, work.state, header, work.header_at + len(header), work.reused)
 
@@ -382,9 +384,9 @@ class OnlineTurns(TurnMode):
         assert context is not None
         # Drop the generation's tokens (header + generated): the reply is written as a message continuing the
         # conversation, exactly as a resent copy of it would be.
-        extra = cache_length(context.cache) - work.header_at
-        if extra > 0:
-            context.cache.crop(-extra)  # negative = tokens to remove, in transformers 4.x and 5.x alike
+        assert work.mark is not None and work.mark.length == work.header_at
+        cache_rewind(context.cache, work.mark)
+        work.mark = None
         if cache_length(context.cache) + reply.tokens > self.context_window:
             # Only when a reply outgrew the reserve: slide now so the reply fits.
             self._count("slides")
@@ -506,6 +508,7 @@ class AuthorsTurns(OnlineTurns):
         assert work.context is not None
         plan = work.prep.plan
         work.turn_at = cache_length(work.context.cache)
+        work.mark = cache_mark(work.context.cache)  # the start of the turn, for _reingest
         work.turn_head, work.pending_head = work.pending_head, []
         ids, segs = self._ingest(work.turn_head, plan.new, generation=True)
         self._mark(work, plan.new)
@@ -559,9 +562,8 @@ class AuthorsTurns(OnlineTurns):
             return
         context = work.context
         assert context is not None
-        extra = cache_length(context.cache) - work.turn_at  # back to the start of the turn
-        if extra > 0:
-            context.cache.crop(-extra)
+        assert work.mark is not None and work.mark.length == work.turn_at
+        cache_rewind(context.cache, work.mark)  # back to the start of the turn (sliding-window layers too)
         held = len(context.indices) - len(plan.new)
         context.indices, context.digests = context.indices[:held], context.digests[:held]
         ids, segs = self._ingest(work.turn_head, [*plan.new, reply], generation=False)

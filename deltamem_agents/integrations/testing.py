@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from ..engine import ChatChunk, ChatResult, SessionNotFoundError, Usage
-from ..engine.generation import GenerationEvent
+from ..engine.token_decoder import GenerationEvent
 from .ephemeral import _set_twin, close_ephemeral_engine
 
 __all__ = [

@@ -24,11 +24,14 @@ if TYPE_CHECKING:  # torch is imported lazily: `deltamem sessions list` must not
     from torch import Tensor
 
 __all__ = [
+    "CacheMark",
     "CacheNotUsedError",
     "cache_argument",
     "cache_kwargs",
     "cache_layers",
     "cache_length",
+    "cache_mark",
+    "cache_rewind",
     "forward_with_cache",
     "new_cache",
     "output_cache",
@@ -101,6 +104,68 @@ def cache_layers(cache: Any) -> list[tuple[Tensor, Tensor]]:
     if layers is not None:
         return [(layer.keys, layer.values) for layer in layers]
     return list(zip(cache.key_cache, cache.value_cache, strict=True))  # older layouts
+
+
+class CacheMark:
+    """A point to rewind a ``DynamicCache`` to (:func:`cache_mark`, :func:`cache_rewind`).
+
+    Attributes:
+        length: tokens the cache held.
+        sliding: ``(layer index, keys, values, cumulative_length)`` of each sliding-window layer: the tensors
+            ``(1, H_kv, min(length, window - 1), D)`` it held.
+    """
+
+    __slots__ = ("length", "sliding")
+
+    def __init__(self, length: int, sliding: tuple[tuple[int, Tensor, Tensor, int], ...]) -> None:
+        self.length = length
+        self.sliding = sliding
+
+
+def _sliding(layer: Any) -> bool:
+    # A sliding-window layer that drops its oldest columns as it advances (``record_past`` layers keep them and
+    # crop natively; transformers < 4.57 has no ``record_past``).
+    return hasattr(layer, "sliding_window") and hasattr(layer, "cumulative_length") and not getattr(
+        layer, "record_past", False)
+
+
+def cache_mark(cache: Any) -> CacheMark:
+    """Mark ``cache`` before tokens are appended to it that must be taken back later (a generation).
+
+    Full-attention layers are rewound by cropping. Sliding-window layers (Gemma 3's local layers) cannot be: once
+    a sequence is longer than the window they have dropped the columns that cropping would bring back, and
+    transformers refuses. So the mark keeps a reference to the tensors they hold now. A ``DynamicCache`` update
+    replaces a layer's tensors (``torch.cat``) rather than writing into them, so this copies nothing and costs
+    at most ``window - 1`` columns per sliding layer while the generation runs.
+    """
+    layers = getattr(cache, "layers", None) or []
+    sliding = tuple((i, layer.keys, layer.values, int(layer.cumulative_length))
+                    for i, layer in enumerate(layers) if _sliding(layer) and layer.keys is not None)
+    return CacheMark(cache_length(cache), sliding)
+
+
+def cache_rewind(cache: Any, mark: CacheMark) -> None:
+    """Take ``cache`` back to ``mark``: exactly the tensors it held then (the same objects for sliding-window
+    layers, the first ``mark.length`` columns of full ones)."""
+    extra = cache_length(cache) - mark.length
+    if extra < 0:
+        raise ValueError(f"the cache holds {cache_length(cache)} tokens, fewer than the mark's {mark.length}")
+    if extra == 0:
+        return
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        cache.crop(-extra)  # older layouts: a negative argument removes that many tokens
+        return
+    marked = {i: (k, v, n) for i, k, v, n in mark.sliding}
+    for i, layer in enumerate(layers):
+        if i in marked:
+            layer.keys, layer.values, layer.cumulative_length = marked[i]
+        elif _sliding(layer):
+            raise ValueError(f"layer {i} was not filled when the cache was marked")
+        else:
+            # A full layer: its first ``mark.length`` columns (what ``crop`` does; its argument changed meaning
+            # across transformers versions, slicing did not).
+            layer.keys, layer.values = layer.keys[:, :, : mark.length], layer.values[:, :, : mark.length]
 
 
 def output_cache(output: Any) -> Any:

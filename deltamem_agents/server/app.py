@@ -53,6 +53,7 @@ def build_engine(settings: ServerSettings) -> Any:
 
     return MemoryEngine(
         settings.model, adapter=settings.adapter, store=settings.store, mode=settings.mode,
+        device=settings.device, dtype=settings.dtype,
         window_tokens=settings.window_tokens, kv_tokens=settings.kv_tokens, kv_cache_bytes=settings.kv_cache_bytes,
         kv_cache_dir=settings.kv_cache_dir, max_message_tokens=settings.max_message_tokens,
         max_new_tokens=settings.max_new_tokens, namespace=settings.namespace,

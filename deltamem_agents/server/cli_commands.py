@@ -25,6 +25,9 @@ _SERVE_FLAGS: tuple[tuple[str, str, Any, str], ...] = (
     ("--store", "store", str, "session store URL, also where API keys live (default: SQLite in the cache dir)"),
     ("--model", "model", str, "HF dir, GGUF file or hub id (default: the embedded model)"),
     ("--adapter", "adapter", str, "adapter directory, or 'none' (default: the shipped adapter)"),
+    ("--device", "device", str, "cpu, cuda, cuda:1, … (default: CUDA when present, else the CPU)"),
+    ("--dtype", "dtype", str, "the base model's precision: float32, bfloat16, float16 or auto (default: bfloat16 "
+     "on CUDA, float32 on the CPU); the adapter and the state stay float32"),
     ("--mode", "mode", str, "online (default), windowed or state-only: what the model sees of earlier turns"),
     ("--protocol", "protocol", str, "deltamem (default: the reply is written after generation, as the message it "
      "returns) or authors (online mode, no --batch-decode: the authors' chat protocol, which writes the generation "

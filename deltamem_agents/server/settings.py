@@ -30,6 +30,9 @@ class ServerSettings(BaseSettings):
             ``None``: the SQLite file in the deltamem cache dir.
         model, adapter: as :class:`~deltamem_agents.engine.MemoryEngine` (``None``: the embedded model and the
             shipped adapter).
+        device, dtype: where and in which precision a model given by name is loaded (``None``: CUDA when
+            present, else the CPU; bfloat16 on CUDA, float32 on the CPU). The adapter and the memory state stay
+            float32 whatever the base's dtype.
         mode, window_tokens, kv_tokens, kv_cache_bytes, kv_cache_dir, max_message_tokens, max_new_tokens: the
             engine's options (``max_new_tokens`` is the default answer length when a request names none).
         protocol: the engine's ``protocol``: ``"deltamem"`` (default) or ``"authors"`` (the authors' chat
@@ -63,6 +66,8 @@ class ServerSettings(BaseSettings):
     store: str | None = None
     model: str | None = None
     adapter: str | None = None
+    device: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = None
     mode: Literal["online", "windowed", "state-only"] = "online"
     protocol: Literal["deltamem", "authors"] = "deltamem"
     threads: int | None = Field(None, ge=0)
@@ -89,7 +94,25 @@ class ServerSettings(BaseSettings):
     def _namespace_is_an_identifier(cls, value: str) -> str:
         return validate_identifier(value, "namespace")
 
-    @field_validator("store", "model", "adapter", "kv_cache_dir", mode="before")
+    @field_validator("device")
+    @classmethod
+    def _device_is_a_torch_device(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        import torch
+
+        try:
+            return str(torch.device(value))
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"not a torch device: {value!r} ({exc})") from None
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: object) -> object:
+        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+        return aliases.get(value.lower(), value.lower()) if isinstance(value, str) else value
+
+    @field_validator("store", "model", "adapter", "device", "dtype", "kv_cache_dir", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:
         # An empty environment variable (DELTAMEM_STORE=) means "the default", not a path named "".

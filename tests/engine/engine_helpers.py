@@ -15,9 +15,10 @@ def randomize(dm, seed: int = 1, scale: float = 1.0) -> None:
 
 
 def make_tiny_dm(write_mode: str = "tsw", seed: int = 0, layers: int = 2, arch: str = "llama", **config):
-    """A random Llama (or ``arch="qwen3"``) (2 layers by default) (vocab 49,152: the embedded tokenizer's) with a
-    randomised δ-mem adapter that visibly moves the logits (``config``: more :class:`DeltaMemConfig` fields)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+    """A random Llama (or ``arch="qwen3"``, or ``"gemma3"`` with a 16-token sliding window on its local layers)
+    (2 layers by default) (vocab 49,152: the embedded tokenizer's) with a randomised δ-mem adapter that visibly
+    moves the logits (``config``: more :class:`DeltaMemConfig` fields)."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen3Config
 
     from deltamem_agents.adapter import DeltaMemConfig, attach
 
@@ -28,6 +29,8 @@ def make_tiny_dm(write_mode: str = "tsw", seed: int = 0, layers: int = 2, arch: 
         cfg = LlamaConfig(**common)
     elif arch == "qwen3":
         cfg = Qwen3Config(head_dim=16, **common)
+    elif arch == "gemma3":
+        cfg = Gemma3TextConfig(head_dim=16, sliding_window=16, **common)
     else:
         raise ValueError(arch)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()

@@ -35,6 +35,12 @@ def tsw_dm():
 
 
 @pytest.fixture(scope="module")
+def gemma_dm():
+    # sliding-window layers (window 16): a conversation past the window cannot be cropped, only rewound
+    return make_tiny_dm(layers=4, seed=3, arch="gemma3")
+
+
+@pytest.fixture(scope="module")
 def ssw_dm():
     return make_tiny_dm("ssw", layers=4, seed=3, ssw_semantics="official")
 
@@ -139,9 +145,9 @@ def _max_diff(a, b):
     return max(float((x - y).abs().max()) for x, y in zip(a.memory, b.memory, strict=True))
 
 
-@pytest.mark.parametrize("write", ["tsw", "ssw-official"])
-def test_engine_equals_the_authors_loop(write, tsw_dm, ssw_dm, tokenizer):
-    dm = tsw_dm if write == "tsw" else ssw_dm
+@pytest.mark.parametrize("write", ["tsw", "ssw-official", "tsw-gemma3"])
+def test_engine_equals_the_authors_loop(write, tsw_dm, ssw_dm, gemma_dm, tokenizer):
+    dm = {"tsw": tsw_dm, "ssw-official": ssw_dm, "tsw-gemma3": gemma_dm}[write]
     ref = AuthorsSession(dm, tokenizer)
     expected = [ref.turn(q, 6) for q in QUESTIONS]
     engine = _engine(dm, tokenizer)
@@ -159,11 +165,11 @@ def test_engine_equals_the_authors_loop(write, tsw_dm, ssw_dm, tokenizer):
     assert texts2 == texts and _max_diff(engine2.session_state("a"), state) <= ATOL
 
 
-@pytest.mark.parametrize("write", ["tsw", "ssw-official"])
-def test_reset_branch_when_the_reply_does_not_continue_what_ran(write, tsw_dm, ssw_dm, tokenizer):
+@pytest.mark.parametrize("write", ["tsw", "ssw-official", "tsw-gemma3"])
+def test_reset_branch_when_the_reply_does_not_continue_what_ran(write, tsw_dm, ssw_dm, gemma_dm, tokenizer):
     """A stop string cuts the text, so the reply's render does not continue the generated tokens: the authors'
     session resets the state and the cache and writes the whole conversation again in one call."""
-    dm = tsw_dm if write == "tsw" else ssw_dm
+    dm = {"tsw": tsw_dm, "ssw-official": ssw_dm, "tsw-gemma3": gemma_dm}[write]
     probe = AuthorsSession(dm, tokenizer)
     first = probe.turn(QUESTIONS[0], 6)
     middle = len(first) // 2
@@ -262,11 +268,14 @@ def test_server_setting_and_flag(monkeypatch):
 
 
 @torch.no_grad()
-def test_after_a_slide_the_reset_rewrites_the_turn_from_its_start(tsw_dm, tokenizer):
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_after_a_slide_the_reset_rewrites_the_turn_from_its_start(arch, tsw_dm, gemma_dm, tokenizer):
     """Older messages have left the KV window and the call (an append-style client) does not hold their text: the
     authors' reset (rewrite everything from zero) is impossible, so the turn goes back to its start and writes its
-    messages and reply in one call, continuing the re-prefilled window."""
-    engine = _engine(tsw_dm, tokenizer, kv_tokens=64)
+    messages and reply in one call, continuing the re-prefilled window (Gemma 3: its sliding-window layers are
+    rewound, not cropped)."""
+    dm = tsw_dm if arch == "llama" else gemma_dm
+    engine = _engine(dm, tokenizer, kv_tokens=64)
     texts = []
     for i in range(3):
         r = engine.chat("s", [{"role": "user", "content": f"Fact {i}: blue."}], max_new_tokens=6, history="append")
@@ -283,9 +292,9 @@ def test_after_a_slide_the_reset_rewrites_the_turn_from_its_start(tsw_dm, tokeni
 
     head, full = render(kept), render(kept + turn)
     assert full[: len(head)] == head
-    cache = new_cache(tsw_dm.base_model.config)
-    tsw_dm.set_state(engine.session_state("s", turn=2))
-    with tsw_dm.writes_disabled():
-        forward_with_cache(tsw_dm, cache, torch.tensor([head]))
-    forward_with_cache(tsw_dm, cache, torch.tensor([full[len(head) :]]))
-    assert _max_diff(engine.session_state("s"), tsw_dm.state) <= ATOL
+    cache = new_cache(dm.base_model.config)
+    dm.set_state(engine.session_state("s", turn=2))
+    with dm.writes_disabled():
+        forward_with_cache(dm, cache, torch.tensor([head]))
+    forward_with_cache(dm, cache, torch.tensor([full[len(head) :]]))
+    assert _max_diff(engine.session_state("s"), dm.state) <= ATOL

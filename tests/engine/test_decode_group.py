@@ -26,8 +26,8 @@ from deltamem_agents.adapter import DeltaMemConfig, attach
 from deltamem_agents.engine.batching import ModelRunner
 from deltamem_agents.engine.decode_batcher import DecodeBatcher
 from deltamem_agents.engine.decode_group import DecodeGroup, GroupRow, cache_layout, model_can_batch
-from deltamem_agents.engine.generation import TokenDecoder
 from deltamem_agents.engine.sampling import SamplingParams
+from deltamem_agents.engine.token_decoder import TokenDecoder
 
 # gemma3: 7 layers = sliding-window layers (window 8, so the longer prompts slide) and one full-attention layer
 LAYERS = {"llama": 2, "qwen3": 2, "gemma3": 7}

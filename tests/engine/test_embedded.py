@@ -105,3 +105,23 @@ def test_cli_chat_keeps_memory_across_processes(tmp_path, embedded, capsys):
     sessions("delete", "cli2")
     assert [s["session_id"] for s in json.loads(sessions("list", "--json"))] == ["cli"]
     assert main(["sessions", "show", "cli2", "--store", store]) == 1  # a clear error, exit status 1
+
+
+def test_cli_device_and_dtype_reach_the_engine(embedded):
+    """``deltamem chat --device cpu --dtype bfloat16``: the base loads in bf16, the adapter stays float32."""
+    import torch
+
+    from deltamem_agents.cli import build_parser
+    from deltamem_agents.engine.cli_commands import _engine
+
+    argv = ["chat", "--session", "s", "--device", "cpu", "--dtype", "bfloat16", "--adapter", "none",
+            "--store", "sqlite://"]
+    engine = _engine(build_parser(argv).parse_args(argv))
+    try:
+        assert next(engine.model.base_model.parameters()).dtype == torch.bfloat16
+        assert {p.dtype for p in engine.model.delta_layers.parameters()} == {torch.float32}
+        assert engine.device == torch.device("cpu")
+        result = engine.chat("s", [{"role": "user", "content": "Hello"}], max_new_tokens=3)
+        assert result.usage.completion_tokens > 0
+    finally:
+        engine.close()

@@ -89,6 +89,21 @@ def test_hot_turns_equal_one_write_of_the_whole_conversation(online):
     assert eng2.session_state("append").equal(eng.session_state("hot"))
 
 
+def test_sliding_window_layers_rewind_after_generation(online):
+    """Gemma 3's local layers keep only their last ``window - 1`` columns, so once a conversation is longer than
+    the window the generated tokens cannot be cropped off them (transformers refuses); the engine rewinds those
+    layers to what they held before generation instead. Same property as for full attention: the hot turns'
+    state is bitwise one write of the whole conversation."""
+    dm = make_tiny_dm(layers=4, seed=3, arch="gemma3")
+    eng = online(dm=dm)
+    msgs, results = _chat_turns(eng, "hot", 3, max_new_tokens=20)
+    assert [r.kv_cache for r in results] == ["new", "hot", "hot"]
+    assert results[-1].usage.prompt_tokens > 16 and all(r.usage.completion_tokens > 0 for r in results)
+    fresh = online(dm=dm)
+    fresh.write("once", msgs)
+    assert eng.session_state("hot").equal(fresh.session_state("once"))
+
+
 def test_a_hot_turn_runs_only_its_new_tokens(online):
     eng = online()
     counter = TokenCounter(eng)

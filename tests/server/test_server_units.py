@@ -35,11 +35,16 @@ def test_settings_from_the_environment_and_flags(monkeypatch):
     assert (settings.port, settings.host, settings.threads, settings.max_queue) == (9100, "::1", 2, 8)
     assert settings.require_keys and settings.kv_cache_dir is None
     assert settings.store == "sqlite:////tmp/x.db"  # not given as a flag: the environment's
+    assert (settings.device, settings.dtype) == (None, None)  # the loader's defaults: CUDA + bf16 when present
+    monkeypatch.setenv("DELTAMEM_DTYPE", "bf16")
+    argv = ["serve", "--device", "cuda:1"]
+    settings = settings_from_args(cli.build_parser(argv).parse_args(argv))
+    assert (settings.device, settings.dtype) == ("cuda:1", "bfloat16")
 
 
 @pytest.mark.parametrize("bad", [{"port": 70000}, {"max_queue": 0}, {"mode": "everything"},
                                  {"max_queue": 2, "max_concurrency": 3}, {"namespace": "a/b"},
-                                 {"max_message_tokens": 0}])
+                                 {"max_message_tokens": 0}, {"device": "gpu0"}, {"dtype": "int8"}])
 def test_invalid_settings_are_refused(bad):
     from pydantic import ValidationError
 
