@@ -258,7 +258,10 @@ class MemoryEngine:
         self.eos_ids = eos_token_ids(self.model.base_model, self._tokenizer)
         self.kv_tokens = min(kv_tokens or self.context_window, self.context_window)
 
-        self._kv_files = (KVCacheFiles(kv_cache_dir, kv_cache_dir_bytes, self._fingerprints)
+        # A saved cache holds what its protocol ran (the authors' also holds the generated tokens' KV): files of
+        # the other protocol are misses, never continued.
+        self._kv_files = (KVCacheFiles(kv_cache_dir, kv_cache_dir_bytes, {**self._fingerprints,
+                                                                          "protocol": self.protocol})
                           if kv_cache_dir is not None else None)
         self._kv_pool = KVCachePool(kv_cache_bytes, on_evict=self._save_evicted)
         online = AuthorsTurns if self.protocol == "authors" else OnlineTurns

@@ -123,7 +123,8 @@ class AuthorsSession:
 
 def _engine(dm, tokenizer, **kwargs):
     kwargs.setdefault("protocol", "authors")
-    return MemoryEngine((dm, tokenizer), store=InMemorySessionStore(), mode="online",
+    kwargs.setdefault("store", InMemorySessionStore())
+    return MemoryEngine((dm, tokenizer), mode="online",
                         sampling=SamplingParams(temperature=0.0), **kwargs)
 
 
@@ -298,3 +299,21 @@ def test_after_a_slide_the_reset_rewrites_the_turn_from_its_start(arch, tsw_dm, 
         forward_with_cache(dm, cache, torch.tensor([head]))
     forward_with_cache(dm, cache, torch.tensor([full[len(head) :]]))
     assert _max_diff(engine.session_state("s"), dm.state) <= ATOL
+
+
+def test_a_saved_kv_cache_is_not_continued_under_the_other_protocol(tsw_dm, tokenizer, tmp_path):
+    """The authors' cache also holds the generated tokens' KV: a file saved under one protocol is a miss for an
+    engine running the other (re-prefilled from text), a hit for its own."""
+    store, kv = InMemorySessionStore(), tmp_path / "kv"
+
+    def engine(protocol):  # kv_cache_bytes=0: every turn's cache goes to disk, as across restarts
+        return _engine(tsw_dm, tokenizer, protocol=protocol, store=store, kv_cache_dir=kv, kv_cache_bytes=0)
+
+    msgs = []
+    got = []
+    for protocol in ("authors", "authors", "deltamem", "authors"):
+        msgs = msgs + [{"role": "user", "content": f"Turn {len(msgs) // 2}?"}]
+        r = engine(protocol).chat("s", msgs, max_new_tokens=3)
+        msgs = msgs + [{"role": "assistant", "content": r.text}]
+        got.append(r.kv_cache)
+    assert got == ["new", "disk", "rebuilt", "rebuilt"]
