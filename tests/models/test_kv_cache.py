@@ -15,7 +15,10 @@ from deltamem_agents.models.kv_cache import (
     CacheNotUsedError,
     cache_argument,
     cache_kwargs,
+    cache_layers,
     cache_length,
+    cache_mark,
+    cache_rewind,
     forward_with_cache,
     new_cache,
 )
@@ -81,3 +84,31 @@ def test_a_model_without_any_cache_argument_is_a_clear_error():
 
     with pytest.raises(TypeError, match="takes none of"):
         cache_argument(NoCache())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("prompt", [5, 13])  # gemma3's window is 8: within it, and past it (nothing to crop back)
+def test_rewind_to_a_mark_gives_back_exactly_the_cache_of_the_prompt(arch, prompt):
+    """Generation runs past the mark and the cache is taken back to it: every layer (full ones cropped,
+    sliding-window ones restored) holds exactly what a cache of the prompt alone holds, and continues like it."""
+    model = tiny_model(arch)
+    x = ids(1, prompt + 12)
+    with torch.no_grad():
+        cache = new_cache(model.config)
+        forward_with_cache(model, cache, x[:, :prompt])
+        mark = cache_mark(cache)
+        for t in range(prompt, prompt + 12):  # "generated" tokens, one at a time, past any sliding window
+            forward_with_cache(model, cache, x[:, t : t + 1])
+        cache_rewind(cache, mark)
+        alone = new_cache(model.config)
+        forward_with_cache(model, alone, x[:, :prompt])
+        assert cache_length(cache) == cache_length(alone) == prompt
+        for (k, v), (k0, v0) in zip(cache_layers(cache), cache_layers(alone), strict=True):
+            assert torch.equal(k, k0) and torch.equal(v, v0)
+        nxt = x[:, prompt + 3 : prompt + 6]  # and the rewound cache continues as the prompt's own cache does
+        torch.testing.assert_close(forward_with_cache(model, cache, nxt).logits,
+                                   forward_with_cache(model, alone, nxt).logits, atol=0, rtol=0)
+    if arch == "gemma3" and prompt > 8:
+        with pytest.raises(Exception, match="crop"):  # what the mark exists for: transformers refuses this
+            forward_with_cache(model, alone, x[:, :2])
+            alone.crop(-2)
