@@ -26,12 +26,14 @@ from ..engine.token_decoder import GenerationEvent
 from .ephemeral import _set_twin, close_ephemeral_engine
 
 __all__ = [
+    "HERMES_TEMPLATE",
     "FakeEngine",
     "deltamem_engine",
     "embedded",
     "load_embedded_once",
     "pytest_pycollect_makeitem",
     "script_replies",
+    "tool_calling_engine",
 ]
 
 
@@ -168,3 +170,37 @@ def script_replies(monkeypatch: Any, replies: list[str], piece: int = 3) -> list
 
     monkeypatch.setattr(engine_module, "generate", scripted_generate)
     return queue
+
+
+# A minimal ChatML template with the Hermes tool-call convention (written for the tests): it renders the offered
+# tools and past calls, so the engine detects the ``hermes`` call format on it.
+HERMES_TEMPLATE = """
+{%- if tools %}<|im_start|>system
+Tools you may call: {% for t in tools %}{{ t | tojson }} {% endfor %}
+To call one, answer <tool_call>{"name": ..., "arguments": {...}}</tool_call><|im_end|>
+{% endif %}
+{%- for m in messages %}<|im_start|>{{ m.role }}
+{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>
+{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
+</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>
+{% endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+def tool_calling_engine(tokenizer: Any, store: str) -> Any:
+    """A :class:`~deltamem_agents.MemoryEngine` whose template has a tool-call format: a tiny random 2-layer Llama
+    (seeded) on a copy of ``tokenizer`` given :data:`HERMES_TEMPLATE`, a fresh adapter, the session store
+    ``store``. Its replies are noise; script them with :func:`script_replies`. Close it after use."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from ..engine import MemoryEngine
+
+    tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = HERMES_TEMPLATE
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), max_position_embeddings=1024)).eval()
+    return MemoryEngine((model, tok), adapter="none", store=store)

@@ -13,6 +13,14 @@ Which session a call belongs to, first match wins:
 LlamaIndex chat engines and agents resend the whole history on every call; the engine writes only what it has
 not written yet (idempotent writes) and rolls back and replays when an earlier message changed.
 
+Tool calling (LlamaIndex's ``FunctionCallingLLM`` protocol: ``chat_with_tools``, ``predict_and_call``,
+``FunctionAgent``) is the engine's: tools go to the chat template as OpenAI-style dicts, the engine parses the
+calls in the template's own format and writes the reply as the assistant message carrying them (ids included).
+The reply comes back with the same calls (``additional_kwargs["tool_calls"]`` and ``ToolCallBlock`` blocks), so the
+resend of it with the tool results matches what was written: only the results and the new answer are written.
+Only for models whose template has a call format the engine parses (``engine.tool_call_format``); tools offered
+to any other model raise :class:`~deltamem_agents.integrations.ToolCallingUnsupportedError`.
+
 Engines, throwaway sessions, generation defaults, result metadata and message rules come from the integration
 core shared with the LangChain package (:mod:`deltamem_agents.integrations`); this module adapts them to
 LlamaIndex.
@@ -23,8 +31,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from llama_index.core.base.llms.types import (
@@ -38,29 +47,50 @@ from llama_index.core.base.llms.types import (
     LLMMetadata,
     MessageRole,
     TextBlock,
+    ToolCallBlock,
 )
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_callback
-from llama_index.core.llms.llm import LLM
+from llama_index.core.llms.function_calling import FunctionCallingLLM
+from llama_index.core.llms.llm import ToolSelection
 
+from deltamem_agents.engine.errors import InvalidOptionError
 from deltamem_agents.integrations import (
     EMBEDDED_MODEL_NAME,
     GenerationDefaults,
+    NoToolCallError,
     SessionTarget,
+    ToolCallingUnsupportedError,
+    check_tool_calling,
     clear_engines,
     engine_message,
     engine_role,
     generation_options,
     get_engine,
+    openai_tool_call,
     result_metadata,
     served_model_name,
+    supports_tool_calls,
     text_from_parts,
 )
 
 if TYPE_CHECKING:
-    from deltamem_agents import MemoryEngine
+    from llama_index.core.tools.types import BaseTool
 
-__all__ = ["EMBEDDED_MODEL_NAME", "DeltaMemLLM", "clear_engines", "current_session", "get_engine", "session_scope"]
+    from deltamem_agents import MemoryEngine
+    from deltamem_agents.engine import ChatResult
+    from deltamem_agents.engine.tool_calls import ToolCallFormat
+
+__all__ = [
+    "EMBEDDED_MODEL_NAME",
+    "DeltaMemLLM",
+    "NoToolCallError",
+    "ToolCallingUnsupportedError",
+    "clear_engines",
+    "current_session",
+    "get_engine",
+    "session_scope",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,20 +114,109 @@ def current_session() -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- messages
+def _tool_call_dict(call: Any) -> Any:
+    """One entry of ``additional_kwargs["tool_calls"]`` as a dict: a dict as it is; a pydantic object (the OpenAI
+    SDK's ``ChatCompletionMessageToolCall``, which ``llama-index-llms-openai`` keeps there) dumped. Anything else
+    is passed on for the engine to refuse (``InvalidMessageError``)."""
+    if isinstance(call, Mapping):
+        return dict(call)
+    dump = getattr(call, "model_dump", None)
+    return dump() if callable(dump) else call
+
+
+def message_tool_calls(message: ChatMessage) -> list[Any] | None:
+    """The tool calls a message carries: ``additional_kwargs["tool_calls"]`` (the OpenAI shape), else its
+    ``ToolCallBlock`` blocks (LlamaIndex 0.14's content blocks; a history rebuilt from blocks alone still matches
+    what the engine wrote). ``None`` when there are none."""
+    calls = (message.additional_kwargs or {}).get("tool_calls")
+    if calls:
+        return [_tool_call_dict(c) for c in calls] if isinstance(calls, list | tuple) else calls
+    blocks = [b for b in message.blocks if isinstance(b, ToolCallBlock)]
+    if blocks:
+        return [openai_tool_call(b.tool_call_id, b.tool_name, b.tool_kwargs) for b in blocks]
+    return None
+
+
 def to_engine_message(message: ChatMessage) -> dict[str, Any]:
     """A LlamaIndex ``ChatMessage`` as the engine's message dict (text only: an image, audio or document block
-    raises :class:`~deltamem_agents.engine.InvalidMessageError`, a ``ValueError``; ``name``, ``tool_calls``
-    and ``tool_call_id`` from ``additional_kwargs`` are kept)."""
+    raises :class:`~deltamem_agents.engine.InvalidMessageError`, a ``ValueError``; ``name`` and
+    ``tool_call_id`` from ``additional_kwargs`` are kept, and the tool calls of :func:`message_tool_calls`)."""
     role_value = message.role.value if isinstance(message.role, MessageRole) else str(message.role)
     role = engine_role(role_value)
+    # ToolCallBlocks are not text: they travel as ``tool_calls`` (text_from_parts drops an assistant's non-text)
     parts = [("text", b.text) if isinstance(b, TextBlock) else (type(b).__name__, None) for b in message.blocks]
     extra = message.additional_kwargs or {}
     return engine_message(role, text_from_parts(parts, role=role, owner="DeltaMemLLM"), name=extra.get("name"),
-                          tool_calls=extra.get("tool_calls"), tool_call_id=extra.get("tool_call_id"))
+                          tool_calls=message_tool_calls(message), tool_call_id=extra.get("tool_call_id"))
+
+
+def tool_spec(tool: Any) -> dict[str, Any]:
+    """A tool as the OpenAI-style dict the engine passes to the chat template: a LlamaIndex ``BaseTool`` through
+    ``metadata.to_openai_tool()``; a dict as it is (the engine checks it). Anything else raises
+    :class:`~deltamem_agents.engine.InvalidOptionError` (a ``ValueError``)."""
+    if isinstance(tool, Mapping):
+        return dict(tool)
+    metadata = getattr(tool, "metadata", None)
+    if metadata is None or not callable(getattr(metadata, "to_openai_tool", None)):
+        raise InvalidOptionError("tools", "DeltaMemLLM: a tool must be a LlamaIndex BaseTool or an OpenAI-style "
+                                 f"dict, got {type(tool).__name__}")
+    return metadata.to_openai_tool(skip_length_check=True)
+
+
+def reply_message(content: str, result: ChatResult | None) -> ChatMessage:
+    """The assistant message of a reply; with tool calls, as the engine wrote it: the text outside the calls,
+    and the calls (same ids) in ``additional_kwargs["tool_calls"]`` (OpenAI shape, ``arguments`` a JSON string)
+    and as ``ToolCallBlock`` blocks."""
+    if result is None or not result.tool_calls:
+        return ChatMessage(role=MessageRole.ASSISTANT, content=content)
+    blocks: list[Any] = [TextBlock(text=content)] if content else []
+    blocks += [ToolCallBlock(tool_call_id=c.id, tool_name=c.name, tool_kwargs=c.args) for c in result.tool_calls]
+    return ChatMessage(role=MessageRole.ASSISTANT, blocks=blocks,
+                       additional_kwargs={"tool_calls": [c.to_openai() for c in result.tool_calls]})
+
+
+class _ReplyText:
+    """The text of a streamed reply, and what of it is sent as deltas.
+
+    Without tools every piece is sent as it comes. With tools only the *settled* content is sent — text that no
+    continuation can turn into part of a call (``ToolCallFormat.settled_content``) — so neither a call nor half
+    of its opening tag reaches a delta; the final chunk sends the rest of the reply's content (the text outside
+    the calls). The deltas then add up to the final message's content, as for the server's streamed replies."""
+
+    def __init__(self, tool_format: ToolCallFormat | None, tools: list[dict[str, Any]] | None) -> None:
+        self.format = tool_format if tools else None
+        self.tools = tools
+        self.text = ""  # everything generated so far, calls included
+        self.sent = ""  # the content sent as deltas so far
+
+    def add(self, piece: str) -> str:
+        """Take a generated piece; return the delta to send now (may be empty)."""
+        self.text += piece
+        if self.format is None:
+            delta = piece
+        else:
+            settled = self.format.settled_content(self.text, self.tools)
+            delta = settled[len(self.sent):] if len(settled) > len(self.sent) else ""
+        self.sent += delta
+        return delta
+
+    def finish(self, result: ChatResult) -> tuple[str, str]:
+        """``(content, last delta)`` when the turn ended with ``result``."""
+        if self.format is None:
+            return self.text, ""
+        content = result.content or ""  # None: the reply is only calls
+        # settled content is a prefix of the final content (the format's contract), so this completes the deltas
+        delta = content[len(self.sent):]
+        self.sent = content
+        return content, delta
+
+
+def _reply_text(target: SessionTarget, options: dict[str, Any]) -> _ReplyText:
+    return _ReplyText(getattr(target.engine, "tool_call_format", None), options.get("tools"))
 
 
 # ---------------------------------------------------------------------------------------------- the LLM
-class DeltaMemLLM(LLM):
+class DeltaMemLLM(FunctionCallingLLM):
     """LlamaIndex LLM backed by a δ-mem :class:`~deltamem_agents.MemoryEngine`.
 
     Every call is a turn of a session (see the module docstring for which): the session's state is read while
@@ -110,6 +229,12 @@ class DeltaMemLLM(LLM):
     Generation options left ``None`` take the engine's defaults (``temperature`` 0.2, ``top_p`` 0.9,
     ``repetition_penalty`` 1.1, 512 new tokens unless the engine was built otherwise); a value set here or per
     call wins.
+
+    Tool calling follows LlamaIndex's ``FunctionCallingLLM`` protocol for models whose chat template has a call
+    format the engine parses (``metadata.is_function_calling_model`` says so): see the module docstring and
+    ``docs/integrations/llamaindex.md``. ``tool_choice`` ``"none"`` leaves the tools out; ``tool_required``, a
+    named ``tool_choice`` and ``allow_parallel_tool_calls=False`` are accepted but not enforced (no constrained
+    decoding; the reply is written with every call it made, so none is dropped from the returned message).
     """
 
     model: str | None = Field(default=None, description="Base model: None (embedded SmolLM2-135M-Instruct), "
@@ -165,8 +290,8 @@ class DeltaMemLLM(LLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        """Context window from the engine (loads it); a chat model; no function calling (the embedded model's
-        template does not render tools, and this class does not implement LlamaIndex's tool-call protocol)."""
+        """Context window from the engine (loads it); a chat model; function calling when the model's template
+        has a tool-call format the engine parses (not the embedded SmolLM2-135M-Instruct's)."""
         engine = self.get_engine()
         num_output = self.max_new_tokens if self.max_new_tokens is not None else GenerationDefaults.of(
             engine).max_new_tokens
@@ -174,7 +299,7 @@ class DeltaMemLLM(LLM):
             context_window=engine.context_window,
             num_output=num_output,
             is_chat_model=True,
-            is_function_calling_model=False,
+            is_function_calling_model=supports_tool_calls(engine),
             model_name=self.model_name,
             system_role=MessageRole.SYSTEM,
         )
@@ -196,6 +321,15 @@ class DeltaMemLLM(LLM):
                    kwargs: dict[str, Any]) -> tuple[SessionTarget, list[dict[str, Any]], dict[str, Any]]:
         engine = self.get_engine()
         msgs = [to_engine_message(m) for m in messages]  # refused before a throwaway session is set up
+        tools = kwargs.pop("tools", None)
+        if kwargs.pop("tool_choice", None) == "none":
+            tools = None
+        # cannot be enforced without constrained decoding; accepted (as the server does), see the class docstring
+        kwargs.pop("tool_required", None)
+        kwargs.pop("parallel_tool_calls", None)
+        specs = [tool_spec(t) for t in tools] if tools else None
+        if specs:
+            check_tool_calling(engine, owner="DeltaMemLLM", model_name=self.model_name)
         target = SessionTarget.resolve(engine, self.resolve_session(kwargs.pop("session_id", None)),
                                        kwargs.pop("namespace", self.namespace))
         stop = kwargs.pop("stop", None)
@@ -215,6 +349,8 @@ class DeltaMemLLM(LLM):
                 stop=list(stop) if stop is not None else (list(self.stop) if self.stop else None),
             ),
         }
+        if specs:
+            options["tools"] = specs
         kwargs.pop("max_tokens", None)
         if kwargs:
             logger.debug("DeltaMemLLM ignores call arguments %s", sorted(kwargs))
@@ -232,18 +368,30 @@ class DeltaMemLLM(LLM):
         except BaseException:
             target.discard()
             raise
-        return self._responses(iterator, target)
+        return self._responses(iterator, target, _reply_text(target, options))
 
-    def _responses(self, iterator: Iterator[Any], target: SessionTarget) -> Iterator[ChatResponse]:
-        text = ""
+    def _response(self, reply: _ReplyText, chunk: Any, target: SessionTarget,
+                  version: int | None) -> ChatResponse | None:
+        """The response for one engine chunk (``None``: nothing to send yet); the last one carries the result's
+        metadata in ``raw``, its usage in ``additional_kwargs`` and, with calls, the calls on its message."""
+        delta = reply.add(chunk.text)
+        if chunk.result is None:
+            if not delta:
+                return None
+            return ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=reply.sent), delta=delta)
+        content, rest = reply.finish(chunk.result)
+        raw = self._raw(target, chunk.result, version)
+        return ChatResponse(message=reply_message(content, chunk.result), delta=delta + rest, raw=raw,
+                            additional_kwargs=dict(raw["usage"]))
+
+    def _responses(self, iterator: Iterator[Any], target: SessionTarget,
+                   reply: _ReplyText) -> Iterator[ChatResponse]:
         try:
             for chunk in iterator:
-                text += chunk.text
-                if chunk.result is None and not chunk.text:
-                    continue
-                raw = self._raw(target, chunk.result, target.version(chunk.result)) if chunk.result else None
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=chunk.text,
-                                   raw=raw, additional_kwargs=dict(raw["usage"]) if raw else {})
+                version = target.version(chunk.result) if chunk.result is not None else None
+                response = self._response(reply, chunk, target, version)
+                if response is not None:
+                    yield response
         finally:
             iterator.close()
             target.discard()
@@ -252,21 +400,19 @@ class DeltaMemLLM(LLM):
                            kwargs: dict[str, Any]) -> AsyncIterator[ChatResponse]:
         """As :meth:`_stream_chat_iter` (eager session resolution), over the engine's async stream."""
         target, msgs, options = self._call_args(messages, dict(kwargs))
-        return self._aresponses(target.engine.astream(target.session_id, msgs, **options), target)
+        return self._aresponses(target.engine.astream(target.session_id, msgs, **options), target,
+                                _reply_text(target, options))
 
-    async def _aresponses(self, iterator: AsyncIterator[Any], target: SessionTarget) -> AsyncIterator[ChatResponse]:
-        text = ""
+    async def _aresponses(self, iterator: AsyncIterator[Any], target: SessionTarget,
+                          reply: _ReplyText) -> AsyncIterator[ChatResponse]:
         try:
             async for chunk in iterator:
-                text += chunk.text
-                if chunk.result is None and not chunk.text:
-                    continue
-                raw = None
+                version = None
                 if chunk.result is not None:
                     version = await asyncio.to_thread(target.version, chunk.result)  # a store read
-                    raw = self._raw(target, chunk.result, version)
-                yield ChatResponse(message=ChatMessage(role=MessageRole.ASSISTANT, content=text), delta=chunk.text,
-                                   raw=raw, additional_kwargs=dict(raw["usage"]) if raw else {})
+                response = self._response(reply, chunk, target, version)
+                if response is not None:
+                    yield response
         finally:
             await iterator.aclose()
             target.discard()
@@ -295,6 +441,54 @@ class DeltaMemLLM(LLM):
     @llm_chat_callback()
     async def astream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseAsyncGen:
         return self._astream_chat_iter(messages, kwargs)
+
+    # ------------------------------------------------------------------------------------------ tools
+    def _prepare_chat_with_tools(
+        self,
+        tools: Sequence[BaseTool],
+        user_msg: str | ChatMessage | None = None,
+        chat_history: list[ChatMessage] | None = None,
+        verbose: bool = False,
+        allow_parallel_tool_calls: bool = False,
+        tool_required: bool = False,
+        tool_choice: str | dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """The ``chat`` arguments of a ``chat_with_tools`` call: the history plus ``user_msg`` (the caller's list
+        is not changed), the tools as OpenAI-style dicts, and ``tool_choice`` (only ``"none"`` has an effect).
+        ``tool_required`` and ``allow_parallel_tool_calls`` cannot be enforced and are not passed on."""
+        messages = list(chat_history or [])
+        if isinstance(user_msg, str):
+            user_msg = ChatMessage(role=MessageRole.USER, content=user_msg)
+        if user_msg is not None:
+            messages.append(user_msg)
+        if tool_required or tool_choice not in (None, "auto", "none"):
+            logger.debug("DeltaMemLLM cannot force a tool call (tool_required=%s, tool_choice=%r): not enforced",
+                         tool_required, tool_choice)
+        return {"messages": messages, "tools": [tool_spec(t) for t in tools] or None, "tool_choice": tool_choice,
+                **kwargs}
+
+    def get_tool_calls_from_response(self, response: ChatResponse, error_on_no_tool_call: bool = True,
+                                     **kwargs: Any) -> list[ToolSelection]:
+        """The tool calls of a ``chat_with_tools`` reply as ``ToolSelection(tool_id, tool_name, tool_kwargs)``.
+
+        Raises:
+            NoToolCallError: (a ``ValueError``) the reply has no call and ``error_on_no_tool_call`` is set.
+        """
+        selections: list[ToolSelection] = []
+        for call in message_tool_calls(response.message) or []:
+            fn = call.get("function", call) if isinstance(call, Mapping) else {}
+            args = fn.get("arguments", {})
+            if isinstance(args, str):  # the OpenAI shape: JSON text (the engine always writes an object's)
+                try:
+                    args = json.loads(args)
+                except ValueError:
+                    args = {}
+            selections.append(ToolSelection(tool_id=str(call.get("id") or ""), tool_name=str(fn.get("name", "")),
+                                            tool_kwargs=args if isinstance(args, dict) else {}))
+        if not selections and error_on_no_tool_call:
+            raise NoToolCallError("DeltaMemLLM: the reply has no tool call (the model answered in text)")
+        return selections
 
     # ------------------------------------------------------------------------------------------ complete
     @staticmethod
