@@ -84,10 +84,11 @@ PUBLIC = {
         "ConversationFormatError EvalTask TASK_NAMES load_conversation_jsonl load_eval_task load_locomo"
     ),
     "deltamem_agents.integrations": (
-        "EMBEDDED_MODEL_NAME EPHEMERAL_PREFIX EngineKey GenerationDefaults ROLE_ALIASES SessionTarget "
-        "clear_engines close_ephemeral_engine engine_key engine_message engine_role ephemeral_engine "
-        "generation_options get_engine make_ephemeral_engine new_ephemeral_id openai_tool_call "
-        "registered_engines result_metadata served_model_name text_from_parts usage_metadata"
+        "EMBEDDED_MODEL_NAME EPHEMERAL_PREFIX EngineKey GenerationDefaults NoToolCallError ROLE_ALIASES "
+        "SessionTarget ToolCallingUnsupportedError check_tool_calling clear_engines close_ephemeral_engine "
+        "engine_key engine_message engine_role ephemeral_engine generation_options get_engine "
+        "make_ephemeral_engine new_ephemeral_id openai_tool_call registered_engines result_metadata "
+        "served_model_name supports_tool_calls text_from_parts usage_metadata"
     ),
     "deltamem_agents.ops": (
         "delta_rule_chunked delta_rule_chunked_shared_gate delta_rule_reference delta_rule_step delta_rule_triton "
@@ -100,7 +101,8 @@ PUBLIC = {
         "clear_engines copy_thread delete_thread get_engine thread_id_from_config"
     ),
     "llama_index.llms.deltamem": (
-        "DeltaMemLLM EMBEDDED_MODEL_NAME clear_engines current_session get_engine session_scope"
+        "DeltaMemLLM EMBEDDED_MODEL_NAME NoToolCallError ToolCallingUnsupportedError clear_engines "
+        "current_session get_engine session_scope"
     ),
 }
 
