@@ -328,11 +328,16 @@ def _run_processes(url: str, namespace: str, kind: str, style: str, tmp_path, tu
 def test_two_processes_on_one_session(url, ns, tmp_path, kind, style, tokenizer):
     """Two OS processes send their histories to one session at the same time. At the end the record is
     exactly the acknowledged messages in commit order, with no duplicates; every failure is the typed
-    conflict; nothing reports a replay (no client asked for one)."""
+    conflict; nothing reports a replay (no client asked for one).
+
+    A typed failure is ``HistoryConflictError`` (the other writer changed the history) or, when the two processes
+    keep committing between one's reload and its commit more often than the engine's bounded retries
+    (``max_retries``), ``ConcurrentUpdateError``; either way nothing of that call is written (the record check
+    below). Which one, and how often, depends on the machine's load: the test does not pin it."""
     reports = _run_processes(url, ns, kind, style, tmp_path)
     acked = sorted((a for r in reports for a in r["acked"]), key=lambda a: a["turn"])
     failures = [f for r in reports for f in r["failures"]]
-    assert all(f in ("HistoryConflictError",) for f in failures), failures
+    assert all(f in ("HistoryConflictError", "ConcurrentUpdateError") for f in failures), failures
     assert acked and all(not a["replayed"] and a["written"] == 2 for a in acked)
     assert [a["turn"] for a in acked] == list(range(1, len(acked) + 1))  # one turn per acknowledged call
     with SQLSessionStore(url) as store:
