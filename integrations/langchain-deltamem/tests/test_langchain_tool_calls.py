@@ -8,27 +8,11 @@ produces; parsing, writing, the AIMessage and the next turn's history matching a
 from __future__ import annotations
 
 import pytest
-import torch
 from langchain_core.messages import HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langchain_deltamem import ChatDeltaMem
 
-from deltamem_agents import MemoryEngine
-from deltamem_agents.integrations.testing import script_replies
-
-# A minimal ChatML template with the Hermes tool-call convention (written for this test).
-HERMES_TEMPLATE = """
-{%- if tools %}<|im_start|>system
-Tools you may call: {% for t in tools %}{{ t | tojson }} {% endfor %}
-To call one, answer <tool_call>{"name": ..., "arguments": {...}}</tool_call><|im_end|>
-{% endif %}
-{%- for m in messages %}<|im_start|>{{ m.role }}
-{% if m.tool_calls %}{% for c in m.tool_calls %}<tool_call>
-{"name": "{{ c.function.name }}", "arguments": {{ c.function.arguments | tojson }}}
-</tool_call>{% endfor %}{% else %}{{ m.content }}{% endif %}<|im_end|>
-{% endfor %}
-{%- if add_generation_prompt %}<|im_start|>assistant
-{% endif %}"""
+from deltamem_agents.integrations.testing import script_replies, tool_calling_engine
 
 
 @tool
@@ -39,16 +23,8 @@ def get_weather(city: str) -> str:
 
 @pytest.fixture
 def engine(embedded, tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     _, tokenizer = embedded
-    tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    tok.chat_template = HERMES_TEMPLATE
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tok), max_position_embeddings=1024)).eval()
-    eng = MemoryEngine((model, tok), adapter="none", store=f"sqlite:///{tmp_path / 's.db'}")
+    eng = tool_calling_engine(tokenizer, f"sqlite:///{tmp_path / 's.db'}")  # a template with Hermes tool calls
     assert eng.tool_call_format is not None and eng.tool_call_format.name == "hermes"
     yield eng
     eng.close()
